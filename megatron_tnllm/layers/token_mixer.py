@@ -1,0 +1,192 @@
+"""TNL's token mixer (gated linear attention) as a Megatron-Core ``self_attention`` module.
+
+Per layer (SPEC.md §1), on TP-local heads:
+    [q|k|v|u] = x W_qkvu            column-parallel by head; this rank holds [q_r; k_r; v_r; u_r]
+    q, k = SiLU(q), SiLU(k)         LRPE on the preset's LRPE layers (q, k head dim doubles)
+    o = lightning_attention(q, k, v, slope of this layer's heads)
+    o = SRMSNorm(o over all D channels, across TP ranks) * u
+    out = o W_out                   row-parallel (all-reduce, or reduce-scatter under SP)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.utils import _split_tensor_factory
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_tnllm.layers.decay import layer_slopes
+from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
+from megatron_tnllm.layers.norms import srmsnorm_across_tp
+from megatron_tnllm.ops import lightning_attention
+
+QKVU_SECTIONS = ("query", "key", "value", "gate")
+
+
+@dataclass
+class TokenMixerSubmodules:
+    """The two parallel linears of the mixer (local Megatron layers by default)."""
+
+    qkvu_proj: ModuleSpec | type = ColumnParallelLinear
+    out_proj: ModuleSpec | type = RowParallelLinear
+
+
+class TokenMixer(MegatronModule):
+    """TNL gated linear attention; plugs into ``TransformerLayerSubmodules.self_attention``.
+
+    Args:
+        config: the model's TransformerConfig (heads, kv_channels, num_layers, layernorm_epsilon).
+        submodules: the qkvu and output projections.
+        layer_number: 1-based global layer number (Megatron adds the pipeline offset); it selects
+            this layer's decay and whether it uses LRPE.
+        pg_collection: process groups (the TP group is used); defaults to parallel_state's.
+        lrpe_layers: 0-based global indices of the layers with LRPE.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: TokenMixerSubmodules,
+        layer_number: int,
+        pg_collection: ProcessGroupCollection | None = None,
+        lrpe_layers: tuple[int, ...] = (0,),
+        name: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(config)
+        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+        heads = config.num_attention_heads
+        if heads % tp_size:
+            raise ValueError(f"num_attention_heads {heads} is not divisible by the tensor-parallel size {tp_size}")
+        self.head_dim = config.kv_channels or config.hidden_size // heads
+        self.width = heads * self.head_dim
+        if self.width != config.hidden_size:
+            raise ValueError(f"TNL needs heads * kv_channels == hidden_size; got {heads} * {self.head_dim} != {config.hidden_size}")
+        self.heads_local = heads // tp_size
+        self.layer_index = layer_number - 1
+        first_head = tp_rank * self.heads_local
+        self.slopes = layer_slopes(heads, self.layer_index, config.num_layers)[first_head : first_head + self.heads_local]
+        self._slope_tensor: torch.Tensor | None = None
+        self.eps = config.layernorm_epsilon
+
+        self.qkvu_proj = build_module(
+            submodules.qkvu_proj,
+            config.hidden_size,
+            4 * self.width,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.tp_group,
+            name=f"{name}.qkvu_proj" if name else None,
+        )
+        self.use_lrpe = self.layer_index in lrpe_layers
+        if self.use_lrpe:
+            theta = lrpe_theta_init(heads, self.head_dim, first_head, self.heads_local)
+            device = None if config.use_cpu_initialization else torch.cuda.current_device()
+            self.lrpe_theta = torch.nn.Parameter(theta.to(device=device, dtype=config.params_dtype))
+            self.lrpe_theta.tensor_model_parallel = True
+            self.lrpe_theta.partition_dim = 0
+            self.lrpe_theta.partition_stride = 1
+        self.out_proj = build_module(
+            submodules.out_proj,
+            self.width,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
+            name=f"{name}.out_proj" if name else None,
+        )
+
+    def _slope(self, device: torch.device) -> torch.Tensor:
+        # Kept out of the module's buffers so that bf16 conversion never rounds the decay.
+        if self._slope_tensor is None or self._slope_tensor.device != device:
+            self._slope_tensor = torch.tensor(self.slopes, dtype=torch.float32, device=device)
+        return self._slope_tensor
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        inference_context=None,
+        packed_seq_params: PackedSeqParams | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [s, b, D] ([s/tp, b, D] under sequence parallelism) -> ([s(/tp), b, D], None).
+
+        The attention mask is ignored (the mixer is causal by construction); packed THD batches
+        reset the state at each ``packed_seq_params.cu_seqlens_q`` boundary.
+        """
+        if inference_context is not None:
+            raise NotImplementedError("Megatron inference is not supported; generate with megatron_tnllm.hf")
+        qkvu, _ = self.qkvu_proj(hidden_states)  # [s, b, 4 * D / tp]
+        s, b, _ = qkvu.shape
+        q, k, v, u = qkvu.view(s, b, 4, self.heads_local, self.head_dim).unbind(2)  # views [s, b, h, d]
+        q, k = F.silu(q), F.silu(k)
+        cu_seqlens = None
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.int64)
+        if self.use_lrpe:
+            positions = self._positions(s, cu_seqlens, q.device)[:, None]  # [s, 1]
+            q = apply_lrpe(q, self.lrpe_theta, positions)
+            k = apply_lrpe(k, self.lrpe_theta, positions)
+        o, _ = lightning_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self._slope(q.device), cu_seqlens=cu_seqlens
+        )  # [b, s, h, d]
+        o = o.transpose(0, 1).reshape(s, b, self.heads_local * self.head_dim)
+        o = srmsnorm_across_tp(o, self.width, self.eps, self.tp_group) * u.reshape(s, b, -1)
+        return self.out_proj(o)
+
+    @staticmethod
+    def _positions(s: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Token positions [s]; they restart at each packed sequence."""
+        positions = torch.arange(s, device=device)
+        if cu_seqlens is not None:
+            starts = cu_seqlens[:-1].to(device)
+            positions = positions - torch.repeat_interleave(starts, cu_seqlens.diff().to(device), output_size=s)
+        return positions
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """TP-invariant checkpoint keys: theta is split by head; qkvu is saved as four tensors
+        ``qkvu_proj.weight.{query,key,value,gate}``, each [D, D] globally (the HF row blocks)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state: dict = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        state = make_sharded_tensors_for_checkpoint(
+            state,
+            prefix,
+            tensor_parallel_layers_axis_map={"lrpe_theta": 0},
+            sharded_offsets=sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+        for child_name, module in self.named_children():
+            state.update(
+                sharded_state_dict_default(module, f"{prefix}{child_name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+            )
+        key = f"{prefix}qkvu_proj.weight"
+        local = self.heads_local * self.head_dim
+        state[key] = _split_tensor_factory(state[key], [local] * 4, list(QKVU_SECTIONS), 0)
+        return state

@@ -1,0 +1,131 @@
+"""Lightning attention: causal linear attention with a fixed per-head exponential decay.
+
+Public entry points (the contract every backend honours):
+
+* :func:`lightning_attention` — a whole sequence (training, prefill);
+* :func:`lightning_attention_step` — one token per sequence (decode).
+
+``backend="auto"`` runs the Triton kernels on CUDA tensors and the chunked PyTorch form
+otherwise; ``"torch"`` and ``"triton"`` force one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_tnllm.ops.lightning_attn.naive import (
+    lightning_attention_chunked,
+    lightning_attention_quadratic,
+    lightning_attention_recurrent,
+    lightning_attention_step_torch,
+)
+
+__all__ = [
+    "lightning_attention",
+    "lightning_attention_chunked",
+    "lightning_attention_quadratic",
+    "lightning_attention_recurrent",
+    "lightning_attention_step",
+]
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Maps ``backend`` to "torch" or "triton" for a tensor on ``x.device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens) -> None:
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, T, H, _ = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv]; got {tuple(v.shape)}")
+    if slope.shape != (H,):
+        raise ValueError(f"slope must be [H] = [{H}]; got {tuple(slope.shape)}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences along T and needs B = 1; got B = {B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        bounds = cu_seqlens.tolist() if not cu_seqlens.is_cuda else None
+        if bounds is not None and (bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:]))):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {T}; got {bounds}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        expected = (n_seq, H, q.shape[-1], v.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must be [N, H, Dk, Dv] = {list(expected)}; got {tuple(initial_state.shape)}")
+
+
+def lightning_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o_t = sum_{s <= t} exp(-slope)^(t-s) (q_t . k_s) v_s, plus the decayed initial state.
+
+    Args:
+        q, k: [B, T, H, Dk], any strides (SiLU/LRPE already applied; no scale is applied).
+        v: [B, T, H, Dv].
+        slope: [H] fp32, lambda = exp(-slope) >= 0 decay per token (0 = no decay).
+        initial_state: [N, H, Dk, Dv] fp32 state before the first token (N = B, or the number of
+            packed sequences).
+        output_final_state: also return the [N, H, Dk, Dv] fp32 state after the last token.
+        cu_seqlens: [N + 1] offsets of N sequences packed along T (B = 1); the state resets at each.
+        backend: "auto", "torch" or "triton".
+
+    Returns:
+        (o [B, T, H, Dv] in q's dtype, final state or None)
+    """
+    _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens)
+    if resolve_backend(backend, q) == "triton":
+        raise NotImplementedError("the Triton lightning-attention kernels are not built yet; use backend='torch'")
+    return lightning_attention_chunked(
+        q, k, v, slope, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+
+
+def lightning_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step per sequence: S <- exp(-slope) S + k^T v; o = q S.
+
+    Args:
+        q, k: [B, H, Dk]; v: [B, H, Dv]; slope: [H] fp32; state: [B, H, Dk, Dv] fp32.
+        inplace: update ``state`` in place (and return it) instead of returning a new tensor.
+
+    Returns:
+        (o [B, H, Dv] in q's dtype, the updated state)
+    """
+    if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"q, k must be [B, H, Dk] and v [B, H, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    expected = (*q.shape, v.shape[-1])
+    if tuple(state.shape) != expected:
+        raise ValueError(f"state must be [B, H, Dk, Dv] = {list(expected)}; got {tuple(state.shape)}")
+    if state.dtype != torch.float32 and state.dtype != torch.float64:
+        raise ValueError(f"state must be fp32 (or fp64 for checks); got {state.dtype}")
+    if slope.shape != (q.shape[1],):
+        raise ValueError(f"slope must be [H] = [{q.shape[1]}]; got {tuple(slope.shape)}")
+    if resolve_backend(backend, q) == "triton":
+        raise NotImplementedError("the Triton decode kernel is not built yet; use backend='torch'")
+    return lightning_attention_step_torch(q, k, v, slope, state, inplace=inplace)

@@ -1,0 +1,132 @@
+"""Layer and block specs: what ``pretrain_gpt.py --spec megatron_tnllm.specs NAME`` builds.
+
+Every NAME below is a callable ``NAME(config, vp_stage=None)`` returning the
+``TransformerBlockSubmodules`` of this pipeline stage: TNL decoder layers and a weightless final
+SRMSNorm (a plain layer spec would get Megatron's default final norm, which has a weight).
+
+* ``tnl_tiny``, ``tnl_385m``, ``tnl_1b``, ``tnl_3b``, ``tnl_7b``, ``tnl_13b``, ``tnl_65b``,
+  ``tnl_175b``: the presets of :mod:`megatron_tnllm.configs`. They check that the command line's
+  shape (``--num-layers``, ``--hidden-size``, ...) is the preset's and add its LRPE layers and
+  embedding scale.
+* ``tnl``: any shape; LRPE on layer 0, no embedding scale (the 7B/3B settings).
+* ``tnl_scaled_embedding``: any shape; LRPE on layer 0, embeddings scaled by sqrt(hidden size).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.layers import SGLU, SRMSNorm, TNLTransformerLayer, TokenMixer, TokenMixerSubmodules
+
+__all__ = [
+    "tnl",
+    "tnl_13b",
+    "tnl_175b",
+    "tnl_1b",
+    "tnl_385m",
+    "tnl_3b",
+    "tnl_65b",
+    "tnl_7b",
+    "tnl_block_spec",
+    "tnl_layer_spec",
+    "tnl_scaled_embedding",
+    "tnl_tiny",
+]
+
+
+def tnl_layer_spec(lrpe_layers: tuple[int, ...] = (0,), embedding_scale: float = 1.0) -> ModuleSpec:
+    """One TNL decoder layer (local Megatron linears): SRMSNorm -> token mixer -> SRMSNorm -> SGLU."""
+    return ModuleSpec(
+        module=TNLTransformerLayer,
+        params={"embedding_scale": embedding_scale},
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=SRMSNorm,
+            self_attention=ModuleSpec(
+                module=TokenMixer,
+                params={"lrpe_layers": tuple(lrpe_layers)},
+                submodules=TokenMixerSubmodules(qkvu_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=SRMSNorm,
+            mlp=functools.partial(
+                SGLU.as_mlp_submodule,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def tnl_block_spec(
+    config, vp_stage: int | None = None, *, lrpe_layers: tuple[int, ...] = (0,), embedding_scale: float = 1.0
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline (and virtual pipeline) stage.
+
+    ``config`` is a ``TransformerConfig`` or anything with one under ``.transformer`` (the
+    ``GPTModelConfig`` of ``pretrain_gpt.py``). Sets per-layer checkpoint keys on it, since
+    layers with LRPE own a parameter the others lack.
+    """
+    tcfg = getattr(config, "transformer", config)
+    bad = [i for i in lrpe_layers if not 0 <= i < tcfg.num_layers]
+    if bad:
+        raise ValueError(f"LRPE layers {bad} outside 0..{tcfg.num_layers - 1}")
+    tcfg.hetereogenous_dist_checkpoint = True
+    layer = tnl_layer_spec(lrpe_layers, embedding_scale)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(tcfg, vp_stage=vp_stage), layer_norm=SRMSNorm
+    )
+
+
+def _check_shape(preset: TNLConfig, tcfg) -> None:
+    expected = {
+        "num_layers": (preset.num_layers, "--num-layers"),
+        "hidden_size": (preset.hidden_size, "--hidden-size"),
+        "num_attention_heads": (preset.num_heads, "--num-attention-heads"),
+        "ffn_hidden_size": (preset.glu_size, "--ffn-hidden-size"),
+        "kv_channels": (preset.head_dim, "--kv-channels"),
+    }
+    wrong = [f"{flag} {want} (got {getattr(tcfg, field)})" for field, (want, flag) in expected.items() if getattr(tcfg, field) != want]
+    if wrong:
+        raise ValueError(f"spec {preset.spec_name} is preset {preset.name}, which needs " + ", ".join(wrong))
+
+
+def _preset_spec(preset: TNLConfig):
+    def spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+        _check_shape(preset, getattr(config, "transformer", config))
+        return tnl_block_spec(
+            config, vp_stage, lrpe_layers=preset.lrpe_layers, embedding_scale=preset.embedding_scale
+        )
+
+    spec.__name__ = spec.__qualname__ = preset.spec_name
+    spec.__doc__ = f"Block spec of preset {preset.name} (checks the shape, adds its LRPE layers and embedding scale)."
+    return spec
+
+
+def tnl(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Any shape: LRPE on layer 0, no embedding scale."""
+    return tnl_block_spec(config, vp_stage)
+
+
+def tnl_scaled_embedding(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Any shape: LRPE on layer 0, embeddings scaled by sqrt(hidden size)."""
+    tcfg = getattr(config, "transformer", config)
+    return tnl_block_spec(config, vp_stage, embedding_scale=math.sqrt(tcfg.hidden_size))
+
+
+tnl_tiny = _preset_spec(PRESETS["tnl-tiny"])
+tnl_385m = _preset_spec(PRESETS["tnl-385m"])
+tnl_1b = _preset_spec(PRESETS["tnl-1b"])
+tnl_3b = _preset_spec(PRESETS["tnl-3b"])
+tnl_7b = _preset_spec(PRESETS["tnl-7b"])
+tnl_13b = _preset_spec(PRESETS["tnl-13b"])
+tnl_65b = _preset_spec(PRESETS["tnl-65b"])
+tnl_175b = _preset_spec(PRESETS["tnl-175b"])
