@@ -87,8 +87,9 @@ def build_datasets(prefix: Path, tokenizer, args, n_train: int, n_valid: int):
 
 
 def batches(dataset, batch_size: int, seed: int):
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
     while True:
         yield from loader
 
@@ -152,8 +153,10 @@ def main() -> None:
     prefix = args.out / "shakespeare_text_document"
     write_indexed_dataset(docs, prefix, tokenizer.eod, tokenizer.vocab_size)
     train, valid = build_datasets(prefix, tokenizer, args, args.steps * args.batch_size, 4 * args.batch_size)
-    print(f"tokenizer: SentencePiece BPE, vocab {tokenizer.vocab_size}; dataset: {sum(map(len, docs)):,} tokens "
-          f"in {len(docs):,} documents ({time.time() - t0:.1f} s)")
+    print(
+        f"tokenizer: SentencePiece BPE, vocab {tokenizer.vocab_size}; dataset: {sum(map(len, docs)):,} tokens "
+        f"in {len(docs):,} documents ({time.time() - t0:.1f} s)"
+    )
 
     model = build_model(preset, vocab_size=tokenizer.vocab_size, use_cpu_initialization=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -161,7 +164,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))),
     )
     losses = []
     data = batches(train, args.batch_size, args.seed)
@@ -176,7 +180,10 @@ def main() -> None:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    print(f"loss: first 10 steps {first:.3f} -> last 10 steps {last:.3f} (uniform guess: {math.log(tokenizer.vocab_size):.3f})")
+    print(
+        f"loss: first 10 steps {first:.3f} -> last 10 steps {last:.3f} "
+        f"(uniform guess: {math.log(tokenizer.vocab_size):.3f})"
+    )
 
     val_before = evaluate(model, valid, args)
     ckpt = args.out / "checkpoint"

@@ -44,7 +44,9 @@ class TNLConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         bad = [i for i in self.lrpe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"{self.name}: lrpe_layers {bad} outside 0..{self.num_layers - 1}")

@@ -23,9 +23,7 @@ def resolve_config(preset_or_config: str | TNLConfig, **overrides) -> tuple[TNLC
     return (tnl.replace(**own) if own else tnl), overrides
 
 
-def build_model(
-    preset_or_config: str | TNLConfig, *, vp_stage: int | None = None, **overrides
-) -> GPTModel:
+def build_model(preset_or_config: str | TNLConfig, *, vp_stage: int | None = None, **overrides) -> GPTModel:
     """The Megatron ``GPTModel`` of a TNL preset (or config) for this rank's TP/PP/CP position.
 
     ``overrides`` may change TNLConfig fields (``num_layers``, ``vocab_size``, ``lrpe_layers``,

@@ -94,7 +94,11 @@ def _check_shape(preset: TNLConfig, tcfg) -> None:
         "ffn_hidden_size": (preset.glu_size, "--ffn-hidden-size"),
         "kv_channels": (preset.head_dim, "--kv-channels"),
     }
-    wrong = [f"{flag} {want} (got {getattr(tcfg, field)})" for field, (want, flag) in expected.items() if getattr(tcfg, field) != want]
+    wrong = [
+        f"{flag} {want} (got {getattr(tcfg, field)})"
+        for field, (want, flag) in expected.items()
+        if getattr(tcfg, field) != want
+    ]
     if wrong:
         raise ValueError(f"spec {preset.spec_name} is preset {preset.name}, which needs " + ", ".join(wrong))
 
@@ -102,9 +106,7 @@ def _check_shape(preset: TNLConfig, tcfg) -> None:
 def _preset_spec(preset: TNLConfig):
     def spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
         _check_shape(preset, getattr(config, "transformer", config))
-        return tnl_block_spec(
-            config, vp_stage, lrpe_layers=preset.lrpe_layers, embedding_scale=preset.embedding_scale
-        )
+        return tnl_block_spec(config, vp_stage, lrpe_layers=preset.lrpe_layers, embedding_scale=preset.embedding_scale)
 
     spec.__name__ = spec.__qualname__ = preset.spec_name
     spec.__doc__ = f"Block spec of preset {preset.name} (checks the shape, adds its LRPE layers and embedding scale)."

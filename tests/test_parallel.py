@@ -73,8 +73,10 @@ def _report(reference, layout, loss, worst, count):
     loss_err = abs(loss - ref_loss) / abs(ref_loss)
     assert loss_err <= 1e-6, f"{layout}: loss {loss} vs TP=1 {ref_loss}"
     if dist.get_rank() == 0:
-        print(f"\n{layout}: loss {loss:.6f} (TP=1 {ref_loss:.6f}, rel {loss_err:.1e}); "
-              f"max gradient rel err {worst:.1e} over {count} parameter tensors per rank")
+        print(
+            f"\n{layout}: loss {loss:.6f} (TP=1 {ref_loss:.6f}, rel {loss_err:.1e}); "
+            f"max gradient rel err {worst:.1e} over {count} parameter tensors per rank"
+        )
 
 
 def _tp_worker(rank, world, reference, sequence_parallel):
@@ -120,8 +122,10 @@ def _pp_worker(rank, world, reference):
     if not parallel_state.is_pipeline_first_stage():
         ref_loss = json.loads((reference / "loss.json").read_text())
         assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss), f"PP=2 loss {loss.item()} vs TP=1 {ref_loss}"
-        print(f"\nPP=2 (manual stage split): loss {loss.item():.6f} (TP=1 {ref_loss:.6f}); "
-              f"max gradient rel err on the last stage {worst:.1e} over {count} tensors")
+        print(
+            f"\nPP=2 (manual stage split): loss {loss.item():.6f} (TP=1 {ref_loss:.6f}); "
+            f"max gradient rel err on the last stage {worst:.1e} over {count} tensors"
+        )
 
 
 def test_pipeline_parallel_matches_tp1(reference):

@@ -67,7 +67,9 @@ class TokenMixer(MegatronModule):
         **kwargs,
     ) -> None:
         super().__init__(config)
-        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        self.tp_group = (
+            pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        )
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
         heads = config.num_attention_heads
         if heads % tp_size:
@@ -75,11 +77,15 @@ class TokenMixer(MegatronModule):
         self.head_dim = config.kv_channels or config.hidden_size // heads
         self.width = heads * self.head_dim
         if self.width != config.hidden_size:
-            raise ValueError(f"TNL needs heads * kv_channels == hidden_size; got {heads} * {self.head_dim} != {config.hidden_size}")
+            raise ValueError(
+                f"TNL needs heads * kv_channels == hidden_size; got {heads} * {self.head_dim} != {config.hidden_size}"
+            )
         self.heads_local = heads // tp_size
         self.layer_index = layer_number - 1
         first_head = tp_rank * self.heads_local
-        self.slopes = layer_slopes(heads, self.layer_index, config.num_layers)[first_head : first_head + self.heads_local]
+        self.slopes = layer_slopes(heads, self.layer_index, config.num_layers)[
+            first_head : first_head + self.heads_local
+        ]
         self._slope_tensor: torch.Tensor | None = None
         self.eps = config.layernorm_epsilon
 
@@ -184,7 +190,9 @@ class TokenMixer(MegatronModule):
         )
         for child_name, module in self.named_children():
             state.update(
-                sharded_state_dict_default(module, f"{prefix}{child_name}.", sharded_offsets, metadata, tp_group=self.tp_group)
+                sharded_state_dict_default(
+                    module, f"{prefix}{child_name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                )
             )
         key = f"{prefix}qkvu_proj.weight"
         local = self.heads_local * self.head_dim

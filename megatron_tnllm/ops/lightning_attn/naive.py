@@ -54,6 +54,13 @@ def _per_sequence(fn):
     return wrapper
 
 
+def _decay_mask(s: torch.Tensor, n: int) -> torch.Tensor:
+    """[1, H, n, n] with lambda^(i-j) for i >= j and 0 above the diagonal (no negative powers)."""
+    i = torch.arange(n, device=s.device, dtype=s.dtype)
+    dist = i[:, None] - i[None, :]
+    return torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=s.dtype, device=s.device))
+
+
 def _prepare(q, k, v, slope, initial_state):
     """[B, T, H, D] inputs -> [B, H, T, D] in the compute dtype; slope -> [1, H, 1, 1]; state [B, H, Dk, Dv]."""
     dtype = _compute_dtype(q, k, v, initial_state)
@@ -77,8 +84,7 @@ def lightning_attention_quadratic(q, k, v, slope, initial_state=None, output_fin
     qh, kh, vh, s, state = _prepare(q, k, v, slope, initial_state)
     T = qh.shape[2]
     t = torch.arange(T, device=q.device, dtype=qh.dtype)
-    dist = t[:, None] - t[None, :]  # t - s
-    mask = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=qh.dtype, device=q.device))
+    mask = _decay_mask(s, T)
     o = ((qh @ kh.transpose(-1, -2)) * mask) @ vh
     o = o + torch.exp(-s * (t + 1)[:, None]) * (qh @ state)
     final = None
@@ -102,8 +108,7 @@ def lightning_attention_chunked(q, k, v, slope, initial_state=None, output_final
         c = min(chunk_size, T - start)
         qc, kc, vc = qh[:, :, start : start + c], kh[:, :, start : start + c], vh[:, :, start : start + c]
         i = torch.arange(c, device=q.device, dtype=qh.dtype)
-        dist = i[:, None] - i[None, :]
-        intra = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=qh.dtype, device=q.device))
+        intra = _decay_mask(s, c)
         o = ((qc @ kc.transpose(-1, -2)) * intra) @ vc + torch.exp(-s * (i + 1)[:, None]) * (qc @ state)
         outs.append(o)
         k_decay = torch.exp(-s * (c - 1 - i)[:, None])
