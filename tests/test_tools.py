@@ -1,0 +1,46 @@
+"""FLOP counting and the memory planner, checked against parameter counts."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_tnllm.configs import PRESETS, get_preset
+from megatron_tnllm.flops import CHUNK, tnl_forward_flops_per_token, tnl_training_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from plan_memory import Layout, plan  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_dense_flops_are_twice_the_matrix_parameters(name):
+    """Every weight matrix costs 2 FLOPs per token and parameter (the tied embedding once, as the
+    output layer); the attention core adds H [C (dk + dv) + 4 dk dv] per layer."""
+    p = get_preset(name)
+    H, dh = p.num_heads, p.head_dim
+    attention = (p.num_layers - 1) * H * (CHUNK * 2 * dh + 4 * dh * dh) + H * (CHUNK * 3 * dh + 8 * dh * dh)
+    flops = tnl_forward_flops_per_token(p.num_layers, p.hidden_size, H, p.glu_size, p.vocab_size)
+    assert flops - attention == 2 * (p.num_parameters() - p.hidden_size * len(p.lrpe_layers))
+
+
+def test_training_flops_from_pretrain_gpt_args():
+    p = get_preset("tnl-1b")
+    args = SimpleNamespace(
+        spec=["megatron_tnllm.specs", "tnl_1b"], num_layers=16, hidden_size=2048, num_attention_heads=16,
+        ffn_hidden_size=5632, padded_vocab_size=64000,
+    )  # fmt: skip
+    per_token = tnl_forward_flops_per_token(16, 2048, 16, 5632, 64000)
+    assert tnl_training_flops(args, 4096) == 3 * per_token * 4096
+    assert per_token > 2 * p.num_parameters()
+
+
+def test_planner_counts_every_parameter_once():
+    p = get_preset("tnl-7b")
+    one = plan(p, Layout())
+    assert one["weights (bf16)"] == 2 * p.num_parameters()
+    tp2 = plan(p, Layout(tp=2, sp=True))
+    assert tp2["weights (bf16)"] == one["weights (bf16)"] / 2
+    assert tp2["activations"] == pytest.approx(one["activations"] / 2)
+    with pytest.raises(ValueError, match="do not split"):
+        plan(p, Layout(pp=4))
