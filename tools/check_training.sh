@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The training checks of docs/training.md, on a machine with 2 GPUs, through the README's user path
+# (examples/prepare_data.sh, examples/pretrain_tnl_385m.sh, i.e. stock pretrain_gpt.py --spec ...).
+#
+#   MEGATRON_LM=third_party/Megatron-LM tools/check_training.sh OUT_DIR STEP
+#
+# STEP "convergence" (GPU 0): tnl-385m, 200 iterations on Tiny Shakespeare with deterministic settings,
+#   checkpoints at 100 and 200; then resume from iteration 100 to 120 and compare the losses.
+# STEP "layouts" (GPUs 0, 1): the first 20 iterations at TP=2, TP=2 + SP, PP=2 and DP=2 with the distributed
+#   optimizer, compared with the 1-GPU run of "convergence" (needs its log in OUT_DIR); a TP=2 checkpoint at
+#   iteration 20 resumed at PP=2 to iteration 30, compared with the TP=2 run's own iterations 21-30.
+# All runs: micro-batch 4, global batch 8, sequence 2048, bf16, seed 1234, --deterministic-mode.
+set -uo pipefail
+out=${1:?usage: $0 OUT_DIR convergence|layouts}
+step=${2:?usage: $0 OUT_DIR convergence|layouts}
+: "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
+export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 MBS=4 GBS=8 SEQ=2048 TRAIN_ITERS=200 LR=3e-4
+export DATA_PREFIX=${DATA_DIR:-/tmp/tnl_data}/text_text_document TOKENIZER_MODEL=${DATA_DIR:-/tmp/tnl_data}/tokenizer.model
+work=${WORK_DIR:-/tmp/tnl_runs}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$out" "$work"
+[[ -f $DATA_PREFIX.bin ]] || bash "$here/examples/prepare_data.sh" "$MEGATRON_LM" "$(dirname "$DATA_PREFIX")" > "$out/prepare_data.log" 2>&1
+compare=("$PYTHON" "$here/tools/megatron_log.py" --compare)
+run() {  # run NAME GPUS [VAR=VALUE ...] -- [pretrain_gpt.py args]
+    local name=$1 gpus=$2
+    shift 2
+    local vars=()
+    while [[ $1 != -- ]]; do vars+=("$1"); shift; done
+    shift
+    echo "== $name: ${vars[*]} $*"
+    env GPUS_PER_NODE="$gpus" CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" CKPT_DIR="$work/$name" "${vars[@]}" \
+        bash "$here/examples/pretrain_tnl_385m.sh" --seed 1234 --deterministic-mode "$@" > "$out/$name.log" 2>&1
+    echo "   exit $? $("$PYTHON" "$here/tools/megatron_log.py" "$out/$name.log")"
+}
+
+case $step in
+convergence)
+    run 1gpu 1 SAVE_INTERVAL=100 --
+    run 1gpu_resume100 1 -- --load "$work/1gpu" --ckpt-step 100 --save "$work/1gpu_resume100" --exit-interval 120
+    "${compare[@]}" "$out/1gpu.log" "$out/1gpu_resume100.log" --iters 101-120 --tol 0
+    ;;
+layouts)
+    run tp2 2 TP=2 SP=0 DISTOPT=0 SAVE_INTERVAL=20 -- --exit-interval 30
+    run tp2_sp 2 TP=2 SP=1 DISTOPT=0 -- --exit-interval 20
+    run pp2 2 PP=2 DISTOPT=0 -- --exit-interval 20
+    run dp2_distopt 2 DISTOPT=1 -- --exit-interval 20
+    run tp2_to_pp2 2 PP=2 DISTOPT=0 -- --load "$work/tp2" --ckpt-step 20 --save "$work/tp2_to_pp2" --exit-interval 30
+    "${compare[@]}" "$out/1gpu.log" "$out/tp2.log" "$out/tp2_sp.log" "$out/pp2.log" "$out/dp2_distopt.log" --iters 1-20
+    "${compare[@]}" "$out/tp2.log" "$out/tp2_to_pp2.log" --iters 21-30
+    ;;
+*) echo "unknown step $step (convergence|layouts)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,94 @@
+"""Read Megatron-LM training logs: per-iteration loss, time and TFLOP/s, and peak memory.
+
+    python tools/megatron_log.py LOG [LOG ...]                 # one JSON summary per log
+    python tools/megatron_log.py --compare REF LOG [...] --iters 1-20 [--tol 2e-2]
+
+``--compare`` prints the loss of each iteration in the range for every log beside the reference
+and the largest relative difference; it exits 1 if a difference exceeds ``--tol`` or an iteration
+is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
+LOSS = re.compile(r"lm loss: ([\d.E+-]+)")
+TFLOPS = re.compile(r"throughput per GPU \(TFLOP/s/GPU\): ([\d.]+)")
+BATCH = re.compile(r"global batch size:\s+(\d+)")
+MEMORY = re.compile(r"max allocated: ([\d.]+)")
+
+
+def parse(path: Path) -> dict:
+    """{"iterations": {i: {"loss", "ms", "tflops", "batch"}}, "max_allocated_mb": float | None}."""
+    iterations, peak = {}, None
+    for line in path.read_text(errors="replace").splitlines():
+        if m := ITERATION.search(line):
+            entry = {"ms": float(m.group(2))}
+            for key, pattern, cast in (("loss", LOSS, float), ("tflops", TFLOPS, float), ("batch", BATCH, int)):
+                if found := pattern.search(line):
+                    entry[key] = cast(found.group(1))
+            iterations[int(m.group(1))] = entry
+        elif m := MEMORY.search(line):
+            peak = max(peak or 0.0, float(m.group(1)))
+    return {"iterations": iterations, "max_allocated_mb": peak}
+
+
+def summary(path: Path, skip: int = 3) -> dict:
+    """Median time and TFLOP/s over the iterations after the first ``skip`` (warm-up), and peak memory."""
+    log = parse(path)
+    its = [v for i, v in sorted(log["iterations"].items()) if i > skip] or list(log["iterations"].values())
+    out = {"log": str(path), "iterations": len(log["iterations"]), "max_allocated_mb": log["max_allocated_mb"]}
+    if its:
+        out["median_ms"] = statistics.median(v["ms"] for v in its)
+        if all("tflops" in v for v in its):
+            out["median_tflops"] = statistics.median(v["tflops"] for v in its)
+        losses = [v["loss"] for _, v in sorted(log["iterations"].items()) if "loss" in v]
+        if losses:
+            out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+    return out
+
+
+def compare(reference: Path, others: list[Path], first: int, last: int, tol: float) -> bool:
+    ref = parse(reference)["iterations"]
+    runs = {p: parse(p)["iterations"] for p in others}
+    print("iter  " + "  ".join(f"{p.stem[:14]:>14}" for p in [reference, *others]))
+    worst = {p: 0.0 for p in others}
+    ok = True
+    for i in range(first, last + 1):
+        row = [ref.get(i, {}).get("loss")]
+        for p in others:
+            loss = runs[p].get(i, {}).get("loss")
+            row.append(loss)
+            if loss is None or row[0] is None:
+                ok = False
+            else:
+                worst[p] = max(worst[p], abs(loss - row[0]) / abs(row[0]))
+        print(f"{i:4d}  " + "  ".join(f"{x:14.6f}" if x is not None else f"{'missing':>14}" for x in row))
+    for p, w in worst.items():
+        print(f"{p.name}: max relative loss difference {w:.2e} over iterations {first}-{last} (tolerance {tol:g})")
+        ok &= w <= tol
+    return ok
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", nargs="+", type=Path)
+    p.add_argument("--compare", action="store_true", help="the first log is the reference")
+    p.add_argument("--iters", default="1-20", help="FIRST-LAST iterations to compare")
+    p.add_argument("--tol", type=float, default=2e-2, help="largest relative loss difference allowed")
+    args = p.parse_args()
+    if args.compare:
+        first, last = (int(x) for x in args.iters.split("-"))
+        sys.exit(0 if compare(args.logs[0], args.logs[1:], first, last, args.tol) else 1)
+    for log in args.logs:
+        print(json.dumps(summary(log)))
+
+
+if __name__ == "__main__":
+    main()
