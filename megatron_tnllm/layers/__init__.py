@@ -2,7 +2,7 @@
 
 from megatron_tnllm.layers.decay import alibi_slopes, layer_slopes
 from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
-from megatron_tnllm.layers.norms import SRMSNorm, srmsnorm_across_tp
+from megatron_tnllm.layers.norms import SRMSNorm, rstd_across_tp
 from megatron_tnllm.layers.sglu import SGLU
 from megatron_tnllm.layers.token_mixer import TokenMixer, TokenMixerSubmodules
 from megatron_tnllm.layers.transformer_layer import TNLTransformerLayer
@@ -17,5 +17,5 @@ __all__ = [
     "apply_lrpe",
     "layer_slopes",
     "lrpe_theta_init",
-    "srmsnorm_across_tp",
+    "rstd_across_tp",
 ]

@@ -25,16 +25,15 @@ class SRMSNorm(torch.nn.Module):
         return f"hidden_size={self.hidden_size}, eps={self.eps}"
 
 
-def srmsnorm_across_tp(x: torch.Tensor, full_width: int, eps: float, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """SRMSNorm of a vector split across tensor-parallel ranks: x [..., full_width / tp] is this
-    rank's slice; the mean of squares is taken over the full width.
+def rstd_across_tp(x: torch.Tensor, full_width: int, eps: float, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over a vector split across tensor-parallel ranks: x [..., full_width / tp]
+    is this rank's slice; returns the per-row rstd [...] (fp32) of the full vector.
 
     The sum of squares is all-reduced with an op whose backward is also an all-reduce: Megatron's
     ``reduce_from_tensor_model_parallel_region`` has an identity backward and would drop the other
     ranks' share of the gradient.
     """
-    xf = x.float()
-    sum_sq = xf.pow(2).sum(-1, keepdim=True)
+    sum_sq = x.float().pow(2).sum(-1)
     if group is not None and dist.get_world_size(group) > 1:
         sum_sq = dist_nn.all_reduce(sum_sq, group=group)
-    return (xf * torch.rsqrt(sum_sq / full_width + eps)).to(x.dtype)
+    return torch.rsqrt(sum_sq / full_width + eps)

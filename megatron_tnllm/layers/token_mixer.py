@@ -30,8 +30,8 @@ from megatron.core.transformer.utils import (
 
 from megatron_tnllm.layers.decay import layer_slopes
 from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
-from megatron_tnllm.layers.norms import srmsnorm_across_tp
-from megatron_tnllm.ops import lightning_attention
+from megatron_tnllm.layers.norms import rstd_across_tp
+from megatron_tnllm.ops import lightning_attention, norm_gate_rstd, srmsnorm_gate
 
 QKVU_SECTIONS = ("query", "key", "value", "gate")
 
@@ -162,7 +162,11 @@ class TokenMixer(MegatronModule):
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self._slope(q.device), cu_seqlens=cu_seqlens
         )  # [b, s, h, d]
         o = o.transpose(0, 1).reshape(s, b, self.heads_local * self.head_dim)
-        o = srmsnorm_across_tp(o, self.width, self.eps, self.tp_group) * u.reshape(s, b, -1)
+        u = u.reshape(s, b, -1)
+        if self.tp_group.size() == 1:
+            o = srmsnorm_gate(o, u, self.eps)
+        else:  # the norm spans all heads, i.e. all TP ranks
+            o = norm_gate_rstd(o, u, rstd_across_tp(o, self.width, self.eps, self.tp_group))
         return self.out_proj(o)
 
     @staticmethod

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepare an offline GPU machine (no package registry) for the training checks: source it from the repository
+# root with the carried wheel folder (.whl, from ../shared/tools/fetch-gpu-wheels.sh) and a Megatron-LM checkout
+# at core_v0.19.0 in $MEGATRON_LM (a git-ignored copy such as third_party/Megatron-LM).
+#
+#   MEGATRON_LM=third_party/Megatron-LM source tools/offline_gpu_setup.sh
+#
+# Installs the wheels and this package into /tmp/site (on PYTHONPATH), applies patches/ to the checkout, and
+# makes sure Megatron's C++ dataset helpers can be built there (otherwise it uses the compiled ones of the
+# megatron-core wheel by running pretrain_gpt.py from a folder holding only the checkout's scripts).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || return 1
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHON=python3
+repo=$PWD
+apply_patches() {  # apply_patches DIR: each patch once (git apply, else GNU patch)
+    local patch
+    for patch in "$repo"/patches/*.patch; do
+        if command -v git >/dev/null; then
+            (cd "$1" && { git apply --unidiff-zero --reverse --check "$patch" 2>/dev/null \
+                || git apply --unidiff-zero "$patch"; }) || { echo "cannot apply $patch in $1" >&2; return 1; }
+        else
+            patch -d "$1" -p1 -N -s < "$patch" || { echo "cannot apply $patch in $1" >&2; return 1; }
+        fi
+    done
+}
+apply_patches "$MEGATRON_LM" || return 1
+if ! make -s -C "$MEGATRON_LM/megatron/core/datasets" >/dev/null 2>&1 \
+        || ! (cd "$MEGATRON_LM" && python3 -c "from megatron.core.datasets import helpers_cpp") 2>/dev/null; then
+    scripts=/tmp/megatron_scripts
+    mkdir -p "$scripts/tools"
+    cp "$MEGATRON_LM"/{pretrain_gpt.py,gpt_builders.py,model_provider.py} "$scripts/"
+    cp "$MEGATRON_LM/tools/preprocess_data.py" "$scripts/tools/"
+    apply_patches /tmp/site || return 1
+    echo "offline_gpu_setup: C++ helpers not buildable here; using the megatron-core wheel with $MEGATRON_LM's scripts"
+    export MEGATRON_LM=$scripts
+fi
+python3 -c "import torch, megatron.core, megatron_tnllm; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
