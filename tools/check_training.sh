@@ -35,8 +35,10 @@ run() {  # run NAME GPUS [VAR=VALUE ...] -- [pretrain_gpt.py args]
 
 case $step in
 convergence)
-    run 1gpu 1 SAVE_INTERVAL=100 --
-    run 1gpu_resume100 1 -- --load "$work/1gpu" --ckpt-step 100 --save "$work/1gpu_resume100" --exit-interval 120
+    # Megatron core_v0.19.0 cannot reload a distributed-optimizer checkpoint of torch's AdamW (the fallback
+    # without Transformer Engine or apex): its load template asserts a single Adam step on an empty state.
+    run 1gpu 1 SAVE_INTERVAL=100 DISTOPT=0 --
+    run 1gpu_resume100 1 DISTOPT=0 -- --load "$work/1gpu" --ckpt-step 100 --save "$work/1gpu_resume100" --exit-interval 120
     "${compare[@]}" "$out/1gpu.log" "$out/1gpu_resume100.log" --iters 101-120 --tol 0
     ;;
 layouts)
