@@ -52,7 +52,7 @@ args=(
 [[ $RECOMPUTE == full ]] && args+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication overlap relies on in-order kernels
-launch=(--nproc-per-node "$GPUS_PER_NODE")
+launch=(--nproc-per-node "$GPUS_PER_NODE" --master-port "${MASTER_PORT:-29500}")
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     launch+=(--nnodes "$NNODES" --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head:29500")
