@@ -5,7 +5,7 @@
 #
 #   MEGATRON_LM=third_party/Megatron-LM source tools/offline_gpu_setup.sh
 #
-# Installs the wheels and this package into /tmp/site (on PYTHONPATH), applies patches/ to the checkout, and
+# Installs the wheels into /tmp/site and puts it and this repository on PYTHONPATH, applies patches/ to the checkout, and
 # makes sure Megatron's C++ dataset helpers can be built there (otherwise it uses the compiled ones of the
 # megatron-core wheel by running pretrain_gpt.py from a folder holding only the checkout's scripts).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -16,22 +16,30 @@ apply_patches() {  # apply_patches DIR: each patch once (git apply, else GNU pat
     local patch
     for patch in "$repo"/patches/*.patch; do
         if command -v git >/dev/null; then
-            (cd "$1" && { git apply --unidiff-zero --reverse --check "$patch" 2>/dev/null \
-                || git apply --unidiff-zero "$patch"; }) || { echo "cannot apply $patch in $1" >&2; return 1; }
+            # Inside another git work tree (this repository), git apply would silently skip every path outside
+            # the current directory: stop its repository search above DIR.
+            (cd "$1" && export GIT_CEILING_DIRECTORIES=$(cd .. && pwd) && {
+                git apply --unidiff-zero --reverse --check "$patch" 2>/dev/null || git apply --unidiff-zero "$patch"
+            }) || { echo "cannot apply $patch in $1" >&2; return 1; }
         else
             patch -d "$1" -p1 -N -s < "$patch" || { echo "cannot apply $patch in $1" >&2; return 1; }
         fi
     done
 }
-apply_patches "$MEGATRON_LM" || return 1
-if ! make -s -C "$MEGATRON_LM/megatron/core/datasets" >/dev/null 2>&1 \
-        || ! (cd "$MEGATRON_LM" && python3 -c "from megatron.core.datasets import helpers_cpp") 2>/dev/null; then
-    scripts=/tmp/megatron_scripts
-    mkdir -p "$scripts/tools"
-    cp "$MEGATRON_LM"/{pretrain_gpt.py,gpt_builders.py,model_provider.py} "$scripts/"
-    cp "$MEGATRON_LM/tools/preprocess_data.py" "$scripts/tools/"
+if [[ -d $MEGATRON_LM/megatron ]]; then  # a checkout (not the scripts-only folder of an earlier run)
+    apply_patches "$MEGATRON_LM" || return 1
+    grep -q megatron-tnllm "$MEGATRON_LM/megatron/training/training.py" || { echo "patches/ not applied" >&2; return 1; }
+    if ! make -s -C "$MEGATRON_LM/megatron/core/datasets" >/dev/null 2>&1 \
+            || ! (cd "$MEGATRON_LM" && python3 -c "from megatron.core.datasets import helpers_cpp") 2>/dev/null; then
+        scripts=/tmp/megatron_scripts
+        mkdir -p "$scripts/tools"
+        cp "$MEGATRON_LM"/{pretrain_gpt.py,gpt_builders.py,model_provider.py} "$scripts/"
+        cp "$MEGATRON_LM/tools/preprocess_data.py" "$scripts/tools/"
+        echo "offline_gpu_setup: C++ helpers not buildable here; using the megatron-core wheel with $MEGATRON_LM's scripts"
+        export MEGATRON_LM=$scripts
+    fi
+fi
+if [[ ! -d $MEGATRON_LM/megatron ]]; then  # scripts only: the wheel's megatron runs them
     apply_patches /tmp/site || return 1
-    echo "offline_gpu_setup: C++ helpers not buildable here; using the megatron-core wheel with $MEGATRON_LM's scripts"
-    export MEGATRON_LM=$scripts
 fi
 python3 -c "import torch, megatron.core, megatron_tnllm; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count())"
