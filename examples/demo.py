@@ -50,19 +50,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train_tokenizer(text: str, out: Path, vocab_size: int) -> spm.SentencePieceProcessor:
-    """BPE SentencePiece model with TNL's special ids (unk 0, bos 1, eos 2); newlines are a piece."""
-    lines = out / "tokenizer_train.txt"
-    lines.write_text("\n".join(line for line in text.splitlines() if line.strip()))
-    spm.SentencePieceTrainer.train(
-        input=str(lines), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
-        num_threads=2, minloglevel=2,
-    )  # fmt: skip
-    return spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-
-
 def write_indexed_dataset(docs: list[list[int]], prefix: Path, eod: int, vocab_size: int) -> None:
     """Megatron's .bin/.idx format, one document per speech, each ended by eod."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -127,6 +114,7 @@ def main() -> None:
     from megatron.core.tokenizers import MegatronTokenizer
 
     from megatron_tnllm.models import build_model
+    from megatron_tnllm.tokenizer import train_sentencepiece
     from tests.cpu_shims import apply_cpu_shims
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -145,7 +133,9 @@ def main() -> None:
 
     preset = get_preset("tnl-tiny")
     text = gzip.open(DATA, "rt", encoding="utf-8").read()
-    sp = train_tokenizer(text, args.out, preset.vocab_size)
+    sp = spm.SentencePieceProcessor(
+        model_file=str(train_sentencepiece(text, args.out / "tokenizer", preset.vocab_size))
+    )
     docs = sp.encode([d.strip() for d in text.split("\n\n") if d.strip()])
     tokenizer = MegatronTokenizer.from_pretrained(
         tokenizer_path=str(args.out / "tokenizer.model"), metadata_path={"library": "sentencepiece"}

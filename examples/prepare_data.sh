@@ -13,34 +13,28 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 megatron=${1:?usage: $0 MEGATRON_LM_DIR OUT_DIR [TEXT_FILE] [VOCAB_SIZE]}
 out=${2:?usage: $0 MEGATRON_LM_DIR OUT_DIR [TEXT_FILE] [VOCAB_SIZE]}
-text=${3:-$here/data/tinyshakespeare.txt.gz}
+text=$(realpath "${3:-$here/data/tinyshakespeare.txt.gz}")
 vocab=${4:-8192}
 python=$(command -v "${PYTHON:-python3}") || { echo "$0: no ${PYTHON:-python3}" >&2; exit 1; }
 [[ $python == /* ]] || python=$PWD/$python
 [[ -f $megatron/tools/preprocess_data.py ]] || { echo "$0: $megatron has no tools/preprocess_data.py (want a Megatron-LM checkout at core_v0.19.0)" >&2; exit 1; }
 [[ -f $text ]] || { echo "$0: text file $text not found" >&2; exit 1; }
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # preprocess_data.py runs from the Megatron-LM checkout
 
 "$python" - "$text" "$out" "$vocab" <<'PY'
 import gzip, json, sys
 from pathlib import Path
-import sentencepiece as spm
+from megatron_tnllm.tokenizer import train_sentencepiece
 
 text_file, out, vocab = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-text = (gzip.open(text_file, "rt", encoding="utf-8") if text_file.suffix == ".gz" else open(text_file, encoding="utf-8")).read()
+opener = gzip.open if text_file.suffix == ".gz" else open
+text = opener(text_file, "rt", encoding="utf-8").read()
 docs = [d.strip() for d in text.split("\n\n") if d.strip()]
 with open(out / "text.jsonl", "w", encoding="utf-8") as f:
-    for d in docs:
-        f.write(json.dumps({"text": d}) + "\n")
+    f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
 if not (out / "tokenizer.model").exists():
-    lines = out / "tokenizer_train.txt"
-    lines.write_text("\n".join(line for line in text.splitlines() if line.strip()), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(lines), model_prefix=str(out / "tokenizer"), vocab_size=vocab, model_type="bpe",
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-        user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
-        num_threads=4, minloglevel=2,
-    )
+    train_sentencepiece(text, out / "tokenizer", vocab, num_threads=4)
 print(f"{len(docs)} documents; tokenizer {out / 'tokenizer.model'}")
 PY
 

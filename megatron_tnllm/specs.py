@@ -25,7 +25,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_tnllm.configs import PRESETS, TNLConfig
-from megatron_tnllm.layers import SGLU, SRMSNorm, TNLTransformerLayer, TokenMixer, TokenMixerSubmodules
+from megatron_tnllm.layers.norms import SRMSNorm
+from megatron_tnllm.layers.sglu import SGLU
+from megatron_tnllm.layers.token_mixer import TokenMixer, TokenMixerSubmodules
+from megatron_tnllm.layers.transformer_layer import TNLTransformerLayer
 
 __all__ = [
     "tnl",

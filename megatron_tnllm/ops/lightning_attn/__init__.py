@@ -6,7 +6,11 @@ Public entry points (the contract every backend honours):
 * :func:`lightning_attention_step` — one token per sequence (decode).
 
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the chunked PyTorch form
-otherwise; ``"torch"`` and ``"triton"`` force one.
+otherwise (fp64 inputs, used for checks, stay on PyTorch); ``"torch"`` and ``"triton"`` force one
+(Triton on CPU tensors runs under the interpreter: TRITON_INTERPRET=1 before import).
+
+Modules: ``naive.py`` (PyTorch references), ``chunk.py`` (Triton training/prefill kernels),
+``decode.py`` (Triton one-token step).
 """
 
 from __future__ import annotations
@@ -53,15 +57,21 @@ def _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens) -> None:
         if B != 1:
             raise ValueError(f"cu_seqlens packs sequences along T and needs B = 1; got B = {B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must be a 1-D integer tensor [N + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
         bounds = cu_seqlens.tolist() if not cu_seqlens.is_cuda else None
-        if bounds is not None and (bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:]))):
+        if bounds is not None and (
+            bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:], strict=False))
+        ):
             raise ValueError(f"cu_seqlens must rise from 0 to T = {T}; got {bounds}")
         n_seq = cu_seqlens.numel() - 1
     if initial_state is not None:
         expected = (n_seq, H, q.shape[-1], v.shape[-1])
         if tuple(initial_state.shape) != expected:
-            raise ValueError(f"initial_state must be [N, H, Dk, Dv] = {list(expected)}; got {tuple(initial_state.shape)}")
+            raise ValueError(
+                f"initial_state must be [N, H, Dk, Dv] = {list(expected)}; got {tuple(initial_state.shape)}"
+            )
 
 
 def lightning_attention(
@@ -91,8 +101,11 @@ def lightning_attention(
         (o [B, T, H, Dv] in q's dtype, final state or None)
     """
     _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens)
-    if resolve_backend(backend, q) == "triton":
-        raise NotImplementedError("the Triton lightning-attention kernels are not built yet; use backend='torch'")
+    if resolve_backend(backend, q) == "triton" and not (backend == "auto" and q.dtype == torch.float64):
+        # imported here: the kernels are decorated at import, and TRITON_INTERPRET must be read then
+        from megatron_tnllm.ops.lightning_attn.chunk import chunk_lightning_attention
+
+        return chunk_lightning_attention(q, k, v, slope, initial_state, output_final_state, cu_seqlens)
     return lightning_attention_chunked(
         q, k, v, slope, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
@@ -118,7 +131,9 @@ def lightning_attention_step(
         (o [B, H, Dv] in q's dtype, the updated state)
     """
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"q, k must be [B, H, Dk] and v [B, H, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k must be [B, H, Dk] and v [B, H, Dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     expected = (*q.shape, v.shape[-1])
     if tuple(state.shape) != expected:
         raise ValueError(f"state must be [B, H, Dk, Dv] = {list(expected)}; got {tuple(state.shape)}")
@@ -126,6 +141,8 @@ def lightning_attention_step(
         raise ValueError(f"state must be fp32 (or fp64 for checks); got {state.dtype}")
     if slope.shape != (q.shape[1],):
         raise ValueError(f"slope must be [H] = [{q.shape[1]}]; got {tuple(slope.shape)}")
-    if resolve_backend(backend, q) == "triton":
-        raise NotImplementedError("the Triton decode kernel is not built yet; use backend='torch'")
+    if resolve_backend(backend, q) == "triton" and not (backend == "auto" and state.dtype == torch.float64):
+        from megatron_tnllm.ops.lightning_attn.decode import lightning_attention_step_triton
+
+        return lightning_attention_step_triton(q, k, v, slope, state, inplace=inplace)
     return lightning_attention_step_torch(q, k, v, slope, state, inplace=inplace)

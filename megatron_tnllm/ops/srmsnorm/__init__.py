@@ -1,4 +1,9 @@
-"""SRMSNorm: x / sqrt(mean(x^2) + eps) over the last dimension, no parameters."""
+"""SRMSNorm: x / sqrt(mean(x^2) + eps) over the last dimension, no parameters.
+
+``srmsnorm`` is the norm itself; ``srmsnorm_gate`` fuses the attention output gate (TP = 1);
+``norm_gate_rstd`` takes a per-row rstd computed by the caller, for a norm that spans tensor-parallel
+ranks (see ``fused.py``). ``backend="auto"`` picks Triton on CUDA tensors, PyTorch otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,46 @@ import torch
 from megatron_tnllm.ops.lightning_attn import resolve_backend
 from megatron_tnllm.ops.srmsnorm.naive import srmsnorm_torch
 
-__all__ = ["srmsnorm", "srmsnorm_torch"]
+__all__ = ["norm_gate_rstd", "srmsnorm", "srmsnorm_gate", "srmsnorm_torch"]
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    return resolve_backend(backend, x) == "triton" and not (backend == "auto" and x.dtype == torch.float64)
 
 
 def srmsnorm(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """SRMSNorm of x [..., D] over D in fp32; the result has x's dtype and shape."""
-    if resolve_backend(backend, x) == "triton":
-        raise NotImplementedError("the Triton SRMSNorm kernel is not built yet; use backend='torch'")
+    if _use_triton(backend, x):
+        from megatron_tnllm.ops.srmsnorm.fused import srmsnorm_triton
+
+        return srmsnorm_triton(x, eps)
     return srmsnorm_torch(x, eps)
+
+
+def srmsnorm_gate(x: torch.Tensor, u: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """srmsnorm(x) * u for x, u [..., D], in fp32 without rounding in between; x's dtype out. TP = 1 only."""
+    if u.shape != x.shape:
+        raise ValueError(f"u must have x's shape {tuple(x.shape)}; got {tuple(u.shape)}")
+    if _use_triton(backend, x):
+        from megatron_tnllm.ops.srmsnorm.fused import srmsnorm_gate_triton
+
+        return srmsnorm_gate_triton(x, u, eps)
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * u.to(xf.dtype)).to(x.dtype)
+
+
+def norm_gate_rstd(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """x * rstd[..., None] * u for x, u [..., D] and a per-row rstd [...] (fp32) that also gets a gradient.
+
+    For the attention-output norm under tensor parallelism: rstd = rsqrt(all_reduce(sum(x^2, -1)) / D_total + eps).
+    """
+    if u.shape != x.shape or tuple(rstd.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"need u {tuple(x.shape)} and rstd {tuple(x.shape[:-1])}; got {tuple(u.shape)}, {tuple(rstd.shape)}"
+        )
+    if _use_triton(backend, x):
+        from megatron_tnllm.ops.srmsnorm.fused import norm_gate_rstd_triton
+
+        return norm_gate_rstd_triton(x, u, rstd)
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * rstd.to(xf.dtype)[..., None] * u.to(xf.dtype)).to(x.dtype)

@@ -1,0 +1,106 @@
+"""Command line of the converter: ``python -m megatron_tnllm.convert`` (= ``tools/convert_checkpoint.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_tnllm.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf
+from megatron_tnllm.convert.errors import ConversionError
+
+EXAMPLES = """examples:
+  %(prog)s hf-to-megatron TransNormerLLM-1B ckpt/tnl-1b --tensor-model-parallel-size 2 --verify
+  %(prog)s megatron-to-hf ckpt/tnl-1b hf/tnl-1b --dtype bf16 --max-shard-size 2GB
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_tnllm.convert",
+        description="Convert TransNormerLLM checkpoints between Hugging Face and Megatron-LM, layer by layer.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("source", type=Path)
+        sub.add_argument("target", type=Path, help="written via a temporary directory beside it, renamed at the end")
+        sub.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="output dtype (auto: the source's)")
+        sub.add_argument("--force", action="store_true", help="replace an existing target")
+        sub.add_argument(
+            "--verify",
+            action="store_true",
+            help="run both models (whole, fp32, CPU) on the same tokens; print the max logit difference",
+        )
+        sub.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    to_megatron = commands.add_parser(
+        "hf-to-megatron", help="Hugging Face directory -> torch_dist checkpoint for pretrain_gpt.py --load"
+    )
+    common(to_megatron)
+    to_megatron.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP of the training run: sets the vocabulary padding (torch_dist loads at any TP)",
+    )
+    to_megatron.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP of the training run")
+    to_megatron.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="Megatron pads the vocabulary to a multiple of this times TP (default 128)",
+    )
+    to_megatron.add_argument("--padded-vocab-size", type=int, help="embedding rows, overriding the padding rule")
+    to_megatron.add_argument("--iteration", type=int, default=0, help="iteration recorded (default 0)")
+    to_megatron.add_argument("--seq-length", type=int, help="--seq-length recorded in the args (default 2048)")
+
+    to_hf = commands.add_parser(
+        "megatron-to-hf", help="Megatron checkpoint (torch_dist or torch) -> Hugging Face export"
+    )
+    common(to_hf)
+    to_hf.add_argument("--iteration", type=int, help="iteration to read (default: the tracker file's)")
+    to_hf.add_argument("--vocab-size", type=int, help="true vocabulary size (default: the tokenizer model's)")
+    to_hf.add_argument(
+        "--tokenizer-model",
+        type=Path,
+        help="SentencePiece model to export (default: args.tokenizer_model if it exists)",
+    )
+    to_hf.add_argument(
+        "--scale-embedding",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embedding scale sqrt(D) or 1 (default: from the checkpoint's --spec)",
+    )
+    to_hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hf-to-megatron":
+            result = hf_to_megatron(
+                args.source, args.target,
+                tensor_parallel=args.tensor_model_parallel_size, pipeline_parallel=args.pipeline_model_parallel_size,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, padded_vocab=args.padded_vocab_size,
+                dtype=args.dtype, iteration=args.iteration, seq_length=args.seq_length, force=args.force,
+                verify=args.verify, progress=args.progress,
+            )  # fmt: skip
+        else:
+            result = megatron_to_hf(
+                args.source, args.target,
+                iteration=args.iteration, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
+                scale_embedding=args.scale_embedding, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                force=args.force, verify=args.verify, progress=args.progress,
+            )  # fmt: skip
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 1e9:.3f} GB; "
+        f"vocabulary {result.vocab_size} (padded to {result.padded_vocab_size} in Megatron)"
+    )
+    return 0

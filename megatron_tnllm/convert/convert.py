@@ -1,0 +1,239 @@
+"""The two conversions, streamed group by group (embedding, then each layer) with a progress bar.
+
+Output is written into a temporary directory next to the target and renamed at the end: an error at any point
+leaves neither a partial target nor the temporary directory behind; an existing target is replaced only with
+``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.hf_format import HFCheckpoint, SafetensorsWriter, parse_size
+from megatron_tnllm.convert.layout import (
+    hf_config_from_tnl,
+    hf_group_shapes,
+    megatron_group_objects,
+    padded_vocab_size,
+    to_megatron,
+)
+from megatron_tnllm.convert.megatron_format import (
+    CHECKPOINT_VERSION,
+    CONTENT_METADATA,
+    MegatronDistCheckpoint,
+    common_state_key,
+    megatron_args,
+    merge_dcp_parts,
+    open_checkpoint,
+    save_dcp_part,
+    write_checkpoint_metadata,
+)
+from megatron_tnllm.hf.export import write_export_files
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ConversionResult:
+    """What a conversion wrote (sizes of the converted tensors) and, with ``verify``, the max logit difference."""
+
+    output: Path
+    tensors: int
+    bytes: int
+    vocab_size: int
+    padded_vocab_size: int
+    max_logit_difference: float | None = None
+
+
+@contextlib.contextmanager
+def staged_output(target: Path, force: bool):
+    """Yields an empty temporary directory beside ``target``; on success it becomes ``target``."""
+    target = Path(target).absolute()
+    if target.exists() and not force:
+        raise ConversionError(f"{target} already exists; pass --force to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(old / target.name)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+
+
+def _dtype(name: str, source_dtype: torch.dtype) -> torch.dtype:
+    if name == "auto":
+        return source_dtype
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _token_ids(tokenizer_model: Path | None) -> dict[str, int]:
+    """pad/bos/eos ids of a SentencePiece model (TNL's 0/1/2 without one; pad falls back to 0 like TNL)."""
+    if tokenizer_model is None:
+        return {}
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
+    bos, eos = sp.bos_id(), sp.eos_id()
+    return {
+        "pad_token_id": max(sp.pad_id(), 0),
+        "bos_token_id": bos if bos >= 0 else None,
+        "eos_token_id": eos if eos >= 0 else None,
+    }
+
+
+def _progress(total: int, description: str, show: bool):
+    return tqdm(total=total, desc=description, unit="layer", disable=not show, dynamic_ncols=True)
+
+
+def hf_to_megatron(
+    source: Path,
+    target: Path,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    padded_vocab: int | None = None,
+    dtype: str = "auto",
+    iteration: int = 0,
+    seq_length: int | None = None,
+    force: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Hugging Face directory ``source`` -> Megatron torch_dist checkpoint at ``target`` (the ``--load`` directory).
+
+    The embedding is zero-padded to ``padded_vocab`` rows, by default Megatron's padding for training at
+    ``tensor_parallel`` (a multiple of ``make_vocab_size_divisible_by * tensor_parallel``). ``tensor_parallel``
+    and ``pipeline_parallel`` are recorded in the args only: torch_dist loads at any TP/PP.
+    """
+    hf = HFCheckpoint(source, seq_length)
+    tnl = hf.tnl
+    if tnl.num_heads % tensor_parallel or tnl.num_layers % pipeline_parallel:
+        raise ConversionError(
+            f"TP {tensor_parallel} x PP {pipeline_parallel} does not divide {tnl.num_heads} heads and "
+            f"{tnl.num_layers} layers"
+        )
+    padded = padded_vocab or padded_vocab_size(tnl.vocab_size, make_vocab_size_divisible_by, tensor_parallel)
+    if padded < tnl.vocab_size:
+        raise ConversionError(f"--padded-vocab-size {padded} is smaller than the vocabulary ({tnl.vocab_size})")
+    out_dtype = _dtype(dtype, hf.dtype)
+    target = Path(target).absolute()
+    final_tokenizer = target / "tokenizer.model" if hf.tokenizer_model else None
+    args = megatron_args(
+        tnl,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        padded_vocab=padded,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        dtype=out_dtype,
+        tokenizer_model=final_tokenizer,
+    )
+    common = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "num_floating_point_operations_so_far": 0,
+        "content_metadata": dict(CONTENT_METADATA),
+    }
+    count = size = 0
+    with staged_output(target, force) as staging:
+        checkpoint = staging / f"iter_{iteration:07d}"
+        checkpoint.mkdir()
+        parts = []
+        with _progress(tnl.num_layers + 1, "hf -> megatron", progress) as bar:
+            for group in range(tnl.num_layers + 1):
+                tensors = {k: v.to(out_dtype) for k, v in hf.group(group).items()}
+                tensors = to_megatron(group, tensors, padded)
+                objects = dict.fromkeys(megatron_group_objects(group))
+                if group == 0:
+                    objects[common_state_key()] = common
+                parts.append(checkpoint / ".parts" / f"{group:05d}")
+                save_dcp_part(parts[-1], tensors, objects)
+                count += len(tensors)
+                size += sum(t.numel() * t.element_size() for t in tensors.values())
+                del tensors
+                bar.update()
+        merge_dcp_parts(parts, checkpoint)
+        (checkpoint / ".parts").rmdir()
+        write_checkpoint_metadata(staging, iteration)
+        if hf.tokenizer_model:
+            shutil.copyfile(hf.tokenizer_model, staging / "tokenizer.model")
+    result = ConversionResult(target, count, size, tnl.vocab_size, padded)
+    if verify:
+        from megatron_tnllm.convert.verify import max_logit_difference
+
+        result.max_logit_difference = max_logit_difference(Path(source), target / f"iter_{iteration:07d}", tnl, padded)
+    return result
+
+
+def megatron_to_hf(
+    source: Path,
+    target: Path,
+    *,
+    iteration: int | None = None,
+    vocab_size: int | None = None,
+    tokenizer_model: Path | None = None,
+    scale_embedding: bool | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Megatron checkpoint ``source`` (torch_dist or legacy torch, any TP/PP) -> Hugging Face export at ``target``.
+
+    The vocabulary padding is dropped (true size: ``vocab_size``, else the tokenizer model's, else the args').
+    """
+    checkpoint = open_checkpoint(
+        source, iteration, vocab_size=vocab_size, tokenizer_model=tokenizer_model, scale_embedding=scale_embedding
+    )
+    if verify and not isinstance(checkpoint, MegatronDistCheckpoint):
+        raise ConversionError(
+            "--verify needs a torch_dist source (Megatron loads legacy checkpoints only at their TP/PP)"
+        )
+    tnl = checkpoint.tnl
+    out_dtype = _dtype(dtype, checkpoint.dtype)
+    max_bytes = parse_size(max_shard_size)
+    specs = [
+        (name, shape, out_dtype)
+        for group in range(tnl.num_layers + 1)
+        for name, shape in hf_group_shapes(tnl, group).items()
+    ]
+    size = 0
+    with staged_output(target, force) as staging:
+        writer = SafetensorsWriter(staging, specs, max_bytes)
+        with _progress(tnl.num_layers + 1, "megatron -> hf", progress) as bar:
+            for group in range(tnl.num_layers + 1):
+                tensors = checkpoint.group(group)
+                for name in hf_group_shapes(tnl, group):
+                    tensor = tensors.pop(name).to(out_dtype)
+                    writer.write(name, tensor)
+                    size += tensor.numel() * tensor.element_size()
+                bar.update()
+        writer.close()
+        dtype_name = str(out_dtype).removeprefix("torch.")
+        config = hf_config_from_tnl(tnl, **_token_ids(checkpoint.tokenizer_model))
+        write_export_files(staging, config, dtype_name, checkpoint.tokenizer_model)
+    result = ConversionResult(Path(target).absolute(), len(specs), size, tnl.vocab_size, checkpoint.padded_vocab)
+    if verify:
+        from megatron_tnllm.convert.verify import max_logit_difference
+
+        result.max_logit_difference = max_logit_difference(result.output, checkpoint.path, tnl, checkpoint.padded_vocab)
+    return result

@@ -1,0 +1,252 @@
+"""Hugging Face checkpoint directories: a lazy reader (safetensors or PyTorch .bin, sharded or not) and a
+streaming safetensors writer. Neither ever holds more than one group (the embedding, or one layer) of tensors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from megatron_tnllm.configs import TNLConfig
+from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.layout import HF_EMBEDDING, hf_group_shapes, tnl_from_hf_config
+from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_FROM_SAFETENSORS = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+# Tensors a TNL checkpoint may hold beyond the model's: the tied output layer, a Metaseq leftover.
+IGNORED_TENSORS = ("lm_head.weight", "decoder.version")
+
+
+def _describe(tnl: TNLConfig) -> str:
+    return (
+        f"decoder_layers={tnl.num_layers}, decoder_embed_dim={tnl.hidden_size}, "
+        f"decoder_attention_heads={tnl.num_heads}, glu_dim={tnl.glu_size}, vocab_size={tnl.vocab_size}"
+    )
+
+
+def safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file; ConversionError if the file is shorter than the header says."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{path} is truncated: {size} bytes, not even a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ConversionError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
+        header = json.loads(f.read(n))
+    end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if end > size:
+        raise ConversionError(f"{path} is truncated: its header describes {end} bytes, the file has {size}")
+    if end < size:
+        raise ConversionError(f"{path} is damaged: its header describes {end} bytes, the file has {size}")
+    return header
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch .bin state dict, memory-mapped (tensors are read when touched)."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError / UnpicklingError / EOFError for damaged files
+        raise ConversionError(f"cannot read {path} ({e}); is it truncated or not a PyTorch checkpoint?") from None
+
+
+class HFCheckpoint:
+    """A Hugging Face TNL directory (OpenNLPLab layout or an export of this repository).
+
+    Opening reads config.json and every shard's header and checks them against each other; :meth:`group`
+    then reads one group of tensors, opening only the shards that hold it.
+    """
+
+    def __init__(self, path: Path, seq_length: int | None = None) -> None:
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise ConversionError(f"{self.path} has no config.json; expected a Hugging Face TransNormerLLM directory")
+        raw = json.loads(config_path.read_text())
+        if raw.get("model_type") != "transnormer":
+            raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; expected 'transnormer'")
+        self.config = TransnormerConfig.from_dict(raw)
+        self.tnl = tnl_from_hf_config(self.config, seq_length or raw.get("model_max_length") or 2048)
+        self.files = self._weight_files()
+        self.stored = self._stored_tensors()
+        self._check_tensors()
+        self.dtype = self.stored[HF_EMBEDDING][1]
+        tokenizer = self.path / "tokenizer.model"
+        self.tokenizer_model = tokenizer if tokenizer.is_file() else None
+
+    def _weight_files(self) -> dict[str, Path] | list[Path]:
+        """name -> shard from an index json, or the single weight file."""
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                for shard in sorted(set(weight_map.values())):
+                    if not (self.path / shard).is_file():
+                        raise ConversionError(f"shard {shard} listed in {index} is missing")
+                return {name: self.path / shard for name, shard in weight_map.items()}
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / single).is_file():
+                return [self.path / single]
+        raise ConversionError(
+            f"{self.path} has no weights: expected model.safetensors, pytorch_model.bin or an index json of shards"
+        )
+
+    def _stored_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, Path]]:
+        """name -> (shape, dtype, file) of every stored tensor, from safetensors headers or mmap-ed .bin files."""
+        files = sorted(set(self.files.values())) if isinstance(self.files, dict) else self.files
+        stored = {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                for name, info in safetensors_header(path).items():
+                    if name != "__metadata__":
+                        stored[name] = (tuple(info["shape"]), _FROM_SAFETENSORS.get(info["dtype"], info["dtype"]), path)
+            else:
+                for name, tensor in _load_bin(path).items():
+                    stored[name] = (tuple(tensor.shape), tensor.dtype, path)
+        return stored
+
+    def _check_tensors(self) -> None:
+        expected = {}
+        for group in range(self.tnl.num_layers + 1):
+            expected.update(hf_group_shapes(self.tnl, group))
+        for name, shape in expected.items():
+            if name not in self.stored:
+                raise ConversionError(
+                    f"{name} is missing from {self.path}, whose config.json says {_describe(self.tnl)}"
+                )
+            stored_shape, dtype, path = self.stored[name]
+            if stored_shape != shape:
+                raise ConversionError(
+                    f"{name} has shape {list(stored_shape)} in {path.name}, but config.json ({_describe(self.tnl)}) "
+                    f"implies {list(shape)}"
+                )
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ConversionError(f"{name} in {path.name} is {dtype}; expected float32, bfloat16 or float16")
+        unexpected = sorted(n for n in self.stored if n not in expected and n not in IGNORED_TENSORS)
+        if unexpected:
+            raise ConversionError(
+                f"{self.path} holds tensors that a TNL with config.json's {_describe(self.tnl)} does not have: "
+                + ", ".join(unexpected[:5])
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            )
+
+    def group(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of group ``index`` (0: embedding; i + 1: layer i) under their HF names."""
+        names = list(hf_group_shapes(self.tnl, index))
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.stored[name][2], []).append(name)
+        out = {}
+        for path, file_names in by_file.items():
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt") as f:
+                    out.update({name: f.get_tensor(name) for name in file_names})
+            else:
+                state = _load_bin(path)
+                out.update({name: state[name] for name in file_names})
+        return {name: out[name] for name in names}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in "5GB", "500MB", "2GiB" or an int (decimal units as in transformers, binary with "i")."""
+    if isinstance(size, int):
+        return size
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+    }
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    if text.endswith("B"):
+        text = text[:-1]
+    try:
+        return int(text)
+    except ValueError:
+        raise ConversionError(
+            f"cannot read size {size!r}; expected e.g. 5GB, 500MB, 2GiB or a number of bytes"
+        ) from None
+
+
+class SafetensorsWriter:
+    """Writes tensors whose names, shapes and dtypes are known in advance into safetensors shards, one tensor at a
+    time (the headers come first, so the layout is fixed before any data). Shards stay under ``max_shard_bytes``
+    unless one tensor is larger; more than one shard gets ``model.safetensors.index.json``."""
+
+    def __init__(
+        self, directory: Path, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+    ) -> None:
+        self.directory = Path(directory)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        used = 0
+        for name, shape, dtype in specs:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if shards[-1] and used + nbytes > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            used += nbytes
+        n = len(shards)
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.shards = shards
+        self.order = [
+            (name, shape, dtype, shard) for shard, items in enumerate(shards) for name, shape, dtype, _ in items
+        ]
+        self.position = 0
+        self.handle = None
+        self.current = -1
+
+    def _open(self, shard: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header, offset = {}, 0
+        for name, shape, dtype, nbytes in self.shards[shard]:
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        header["__metadata__"] = {"format": "pt"}
+        data = json.dumps(header, separators=(",", ":")).encode()
+        data += b" " * (-len(data) % 8)  # 8-byte alignment of the tensor data, like the safetensors library
+        self.handle = open(self.directory / self.files[shard], "wb")
+        self.handle.write(struct.pack("<Q", len(data)) + data)
+        self.current = shard
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends the next tensor; its name, shape and dtype must be the next ones announced."""
+        want, shape, dtype, shard = self.order[self.position]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want, shape, dtype):
+            raise RuntimeError(f"expected {want} {list(shape)} {dtype}, got {name} {list(tensor.shape)} {tensor.dtype}")
+        if shard != self.current:
+            self._open(shard)
+        self.handle.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+        self.position += 1
+
+    def close(self) -> None:
+        """Finishes the last shard and writes the index (several shards); every announced tensor must be written."""
+        if self.position != len(self.order):
+            raise RuntimeError(f"{len(self.order) - self.position} announced tensors were not written")
+        if self.handle is not None:
+            self.handle.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[shard] for name, _, _, shard in self.order}
+            total = sum(nbytes for items in self.shards for *_, nbytes in items)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,191 @@
+"""Tensor names, shapes and layouts of the Hugging Face and Megatron formats, and the config translation.
+
+A checkpoint is converted group by group: group 0 is the embedding, group i + 1 is decoder layer i. Inside the
+converter a group is a dict of Hugging Face names (the OpenNLPLab layout, SPEC.md §3) to tensors; this module
+maps it to and from Megatron's torch_dist keys (global tensors, TP-invariant) and Megatron's per-rank layout
+(legacy ``torch`` format). Megatron keys of layer i (``hetereogenous_dist_checkpoint`` gives per-layer keys):
+
+    decoder.layers.{i}.self_attention.qkvu_proj.weight.{query,key,value,gate}  [D, D] each = HF qkvu row blocks
+    decoder.layers.{i}.self_attention.lrpe_theta                             [H, 1, dh] = HF lrpe.theta
+    decoder.layers.{i}.self_attention.out_proj.weight                        [D, D]
+    decoder.layers.{i}.mlp.linear_fc1.weight                                 [2G, D] = [l1; l2]
+    decoder.layers.{i}.mlp.linear_fc2.weight                                 [D, G] = l3
+    embedding.word_embeddings.weight                                         [V_padded, D] (output layer tied)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig
+from megatron_tnllm.hf.modeling_transnormer import check_config
+
+HF_EMBEDDING = "model.embed_tokens.weight"
+MEGATRON_EMBEDDING = "embedding.word_embeddings.weight"
+QKVU_SECTIONS = ("query", "key", "value", "gate")
+# Megatron's linear layers each save an (empty) `_extra_state` object that its loader asks for.
+MEGATRON_LINEARS = ("self_attention.qkvu_proj", "self_attention.out_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def tnl_from_hf_config(config: TransnormerConfig, seq_length: int = 2048) -> TNLConfig:
+    """The TNLConfig of an HF config (ConversionError if the config is not a TNL the model code defines)."""
+    try:
+        check_config(config)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    glu = config.decoder_embed_dim if config.glu_dim == -1 else config.glu_dim
+    tnl = TNLConfig(
+        name="custom",
+        num_layers=config.decoder_layers,
+        hidden_size=config.decoder_embed_dim,
+        num_heads=config.decoder_attention_heads,
+        glu_size=glu,
+        vocab_size=config.vocab_size,
+        scale_embedding=not config.no_scale_embedding,
+        lrpe_layers=tuple(i for i, flag in enumerate(config.linear_use_lrpe_list) if flag),
+        seq_length=seq_length,
+    )
+    preset = matching_preset(tnl)
+    return tnl.replace(name=preset.name) if preset else tnl
+
+
+def hf_config_from_tnl(tnl: TNLConfig, **token_ids) -> TransnormerConfig:
+    """The HF config of a TNLConfig; ``token_ids`` may set pad/bos/eos_token_id (default 0, 1, 2)."""
+    return TransnormerConfig(
+        vocab_size=tnl.vocab_size,
+        decoder_embed_dim=tnl.hidden_size,
+        hidden_dim=tnl.hidden_size,
+        decoder_layers=tnl.num_layers,
+        decoder_attention_heads=tnl.num_heads,
+        glu_dim=tnl.glu_size,
+        no_scale_embedding=not tnl.scale_embedding,
+        linear_use_lrpe_list=[int(i in tnl.lrpe_layers) for i in range(tnl.num_layers)],
+        linear_act_fun="swish",
+        **token_ids,
+    )
+
+
+def matching_preset(tnl: TNLConfig) -> TNLConfig | None:
+    """The preset with this shape, LRPE layers and embedding scale (any vocabulary), if there is one."""
+    same = ("num_layers", "hidden_size", "num_heads", "glu_size", "scale_embedding", "lrpe_layers")
+    for preset in PRESETS.values():
+        if all(getattr(preset, f) == getattr(tnl, f) for f in same):
+            return preset
+    return None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron's padding: up to a multiple of ``make_vocab_size_divisible_by * tensor_model_parallel_size``."""
+    multiple = divisible_by * tensor_parallel
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def hf_group_shapes(tnl: TNLConfig, group: int) -> dict[str, tuple[int, ...]]:
+    """HF names and shapes of group ``group`` (0: embedding; i + 1: layer i)."""
+    D, G, H = tnl.hidden_size, tnl.glu_size, tnl.num_heads
+    if group == 0:
+        return {HF_EMBEDDING: (tnl.vocab_size, D)}
+    i = group - 1
+    p = f"model.layers.{i}."
+    shapes = {f"{p}token_mixer.qkvu_proj.weight": (4 * D, D)}
+    if i in tnl.lrpe_layers:
+        shapes[f"{p}token_mixer.lrpe.theta"] = (H, 1, tnl.head_dim)
+    shapes[f"{p}token_mixer.out_proj.weight"] = (D, D)
+    shapes.update({f"{p}channel_mixer.l1.weight": (G, D), f"{p}channel_mixer.l2.weight": (G, D)})
+    shapes[f"{p}channel_mixer.l3.weight"] = (D, G)
+    return shapes
+
+
+def megatron_group_shapes(tnl: TNLConfig, group: int, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Megatron torch_dist keys and global shapes of group ``group``."""
+    D, G, H = tnl.hidden_size, tnl.glu_size, tnl.num_heads
+    if group == 0:
+        return {MEGATRON_EMBEDDING: (padded_vocab, D)}
+    p = f"decoder.layers.{group - 1}."
+    shapes = {f"{p}self_attention.qkvu_proj.weight.{s}": (D, D) for s in QKVU_SECTIONS}
+    if group - 1 in tnl.lrpe_layers:
+        shapes[f"{p}self_attention.lrpe_theta"] = (H, 1, tnl.head_dim)
+    shapes[f"{p}self_attention.out_proj.weight"] = (D, D)
+    shapes[f"{p}mlp.linear_fc1.weight"] = (2 * G, D)
+    shapes[f"{p}mlp.linear_fc2.weight"] = (D, G)
+    return shapes
+
+
+def megatron_group_objects(group: int) -> list[str]:
+    """Keys of the ShardedObjects (empty ``_extra_state``) Megatron saves with group ``group``."""
+    if group == 0:
+        return []
+    return [f"decoder.layers.{group - 1}.{linear}._extra_state/shard_0_1" for linear in MEGATRON_LINEARS]
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    # Views would drag their whole base storage into torch.save (DCP) or keep it alive.
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
+def to_megatron(group: int, tensors: dict[str, torch.Tensor], padded_vocab: int) -> dict[str, torch.Tensor]:
+    """HF tensors of a group -> Megatron torch_dist tensors (embedding rows zero-padded to ``padded_vocab``)."""
+    if group == 0:
+        emb = tensors[HF_EMBEDDING]
+        pad = emb.new_zeros(padded_vocab - emb.shape[0], emb.shape[1])
+        return {MEGATRON_EMBEDDING: torch.cat([emb, pad]) if pad.numel() else emb}
+    i = group - 1
+    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out = {}
+    for section, block in zip(QKVU_SECTIONS, tensors[f"{hf}token_mixer.qkvu_proj.weight"].chunk(4), strict=True):
+        out[f"{mg}self_attention.qkvu_proj.weight.{section}"] = _own(block)
+    if f"{hf}token_mixer.lrpe.theta" in tensors:
+        out[f"{mg}self_attention.lrpe_theta"] = tensors[f"{hf}token_mixer.lrpe.theta"]
+    out[f"{mg}self_attention.out_proj.weight"] = tensors[f"{hf}token_mixer.out_proj.weight"]
+    out[f"{mg}mlp.linear_fc1.weight"] = torch.cat(
+        [tensors[f"{hf}channel_mixer.l1.weight"], tensors[f"{hf}channel_mixer.l2.weight"]]
+    )
+    out[f"{mg}mlp.linear_fc2.weight"] = tensors[f"{hf}channel_mixer.l3.weight"]
+    return out
+
+
+def from_megatron(group: int, tensors: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Megatron torch_dist tensors of a group -> HF tensors (embedding padding rows dropped)."""
+    if group == 0:
+        return {HF_EMBEDDING: _own(tensors[MEGATRON_EMBEDDING][:vocab_size])}
+    i = group - 1
+    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out = {
+        f"{hf}token_mixer.qkvu_proj.weight": torch.cat(
+            [tensors[f"{mg}self_attention.qkvu_proj.weight.{s}"] for s in QKVU_SECTIONS]
+        )
+    }
+    if f"{mg}self_attention.lrpe_theta" in tensors:
+        out[f"{hf}token_mixer.lrpe.theta"] = tensors[f"{mg}self_attention.lrpe_theta"]
+    out[f"{hf}token_mixer.out_proj.weight"] = tensors[f"{mg}self_attention.out_proj.weight"]
+    l1, l2 = tensors[f"{mg}mlp.linear_fc1.weight"].chunk(2)
+    out[f"{hf}channel_mixer.l1.weight"], out[f"{hf}channel_mixer.l2.weight"] = _own(l1), _own(l2)
+    out[f"{hf}channel_mixer.l3.weight"] = tensors[f"{mg}mlp.linear_fc2.weight"]
+    return out
+
+
+def merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Megatron per-rank tensors (legacy ``torch`` format, local names) -> the global tensor of torch_dist.
+
+    Column-parallel fused weights hold per-rank sections: qkvu is [q_r; k_r; v_r; u_r], fc1 is [l1_r; l2_r].
+    """
+    if name.endswith("qkvu_proj.weight") or name.endswith("linear_fc1.weight"):
+        sections = 4 if name.endswith("qkvu_proj.weight") else 2
+        per_rank = [s.view(sections, -1, s.shape[-1]) for s in shards]
+        return torch.cat(per_rank, dim=1).reshape(-1, shards[0].shape[-1])
+    if name.endswith("out_proj.weight") or name.endswith("linear_fc2.weight"):
+        return torch.cat(shards, dim=1)
+    if name.endswith("lrpe_theta") or name.endswith("word_embeddings.weight"):
+        return torch.cat(shards, dim=0)
+    raise ConversionError(f"unexpected tensor {name!r} in a Megatron TNL checkpoint")
+
+
+def split_torch_dist(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A merged legacy tensor under its local name -> its torch_dist key(s) (qkvu becomes four sections)."""
+    if key.endswith("qkvu_proj.weight"):
+        return {f"{key}.{s}": _own(t) for s, t in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True)}
+    return {key: tensor}

@@ -1,0 +1,463 @@
+"""Megatron-LM checkpoint directories: a streaming torch_dist writer and readers of torch_dist and legacy ``torch``.
+
+Layout that ``pretrain_gpt.py --load ROOT`` reads (megatron/training/checkpointing.py, core_v0.19):
+
+    ROOT/latest_checkpointed_iteration.txt     the iteration number (or "release")
+    ROOT/iter_0000000/metadata.json            {"sharded_backend": "torch_dist", ...}: a torch_dist checkpoint
+    ROOT/iter_0000000/.metadata, __*_0.distcp  PyTorch DCP: every tensor at its global (TP/PP-free) shape
+                                               plus the "common_state" object: args, checkpoint_version, iteration
+
+The writer saves one DCP checkpoint per group (embedding, then each layer) into sub-directories and merges them:
+their data files are moved next to each other and their metadata joined into one ``.metadata``, so memory holds
+one group at a time whatever the model size. Readers use ``torch.distributed.checkpoint`` without a process
+group, one group of keys at a time (DCP reads only the entries asked for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
+
+from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.layout import (
+    MEGATRON_EMBEDDING,
+    from_megatron,
+    matching_preset,
+    megatron_group_shapes,
+    merge_tensor_parallel,
+    split_torch_dist,
+)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+# What Megatron's save records with the model (megatron/training/checkpointing.py, _build_sharded_state_dict_metadata
+# without a distributed optimizer).
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+_LEGACY_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.")
+
+
+def common_state_key() -> str:
+    """DCP key of the object holding Megatron's non-tensor state ("common_state/shard_0_1")."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("common_state", None, (1,), (0,)).unique_key
+
+
+# ---------------------------------------------------------------------------------------------- locating
+
+
+def checkpoint_directory(root: Path, iteration: int | None = None) -> Path:
+    """The directory holding one checkpoint: ROOT/iter_N (N from ``iteration`` or the tracker file), ROOT/release,
+    or ROOT itself when it is such a directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"{root} does not exist or is not a directory; expected a Megatron checkpoint")
+    if iteration is None and (root / TRACKER).is_file():
+        text = (root / TRACKER).read_text().strip()
+        if text == "release":
+            return _existing(root / "release", root / TRACKER)
+        try:
+            iteration = int(text)
+        except ValueError:
+            raise ConversionError(
+                f"{root / TRACKER} holds {text!r}; expected an iteration number or 'release'"
+            ) from None
+    if iteration is not None:
+        return _existing(root / f"iter_{iteration:07d}", root / TRACKER)
+    if checkpoint_format(root, strict=False):
+        return root
+    raise ConversionError(
+        f"{root} is not a Megatron checkpoint: no {TRACKER}, metadata.json (torch_dist) or mp_rank_* (torch) found"
+    )
+
+
+def _existing(path: Path, named_by: Path) -> Path:
+    if not path.is_dir():
+        raise ConversionError(f"{path} is missing (named by {named_by}); expected the checkpoint directory")
+    return path
+
+
+def checkpoint_format(directory: Path, strict: bool = True) -> str | None:
+    """ "torch_dist" (metadata.json) or "torch" (mp_rank_* directories)."""
+    if (directory / "metadata.json").is_file():
+        return "torch_dist"
+    if any(_LEGACY_RANK_DIR.match(p.name) for p in directory.iterdir()):
+        return "torch"
+    if strict:
+        raise ConversionError(f"{directory} holds neither metadata.json (torch_dist) nor mp_rank_* directories (torch)")
+    return None
+
+
+def open_checkpoint(root: Path, iteration: int | None = None, **model_options):
+    """A reader of the Megatron checkpoint at ``root`` (see :func:`resolve_model` for ``model_options``)."""
+    directory = checkpoint_directory(root, iteration)
+    if checkpoint_format(directory) == "torch_dist":
+        return MegatronDistCheckpoint(directory, **model_options)
+    return MegatronLegacyCheckpoint(directory, **model_options)
+
+
+# ------------------------------------------------------------------------------------ model from args
+
+
+def _spec_scale(spec) -> bool | None:
+    """Embedding scale of a ``--spec megatron_tnllm.specs NAME`` (None if the spec is not one of ours)."""
+    if not spec or spec[0] != "megatron_tnllm.specs" or len(spec) != 2:
+        return None
+    by_spec = {p.spec_name: p.scale_embedding for p in PRESETS.values()}
+    by_spec.update(tnl=False, tnl_scaled_embedding=True)
+    return by_spec.get(spec[1])
+
+
+def resolve_model(
+    args,
+    where: Path,
+    layer_count: int,
+    lrpe_layers: tuple[int, ...],
+    padded_vocab: int,
+    vocab_size: int | None = None,
+    tokenizer_model: Path | None = None,
+    scale_embedding: bool | None = None,
+) -> tuple[TNLConfig, Path | None]:
+    """The TNLConfig of a checkpoint from its Megatron args and what its tensors show, and its tokenizer model.
+
+    The true vocabulary size (Megatron pads it) comes from ``vocab_size``, else the tokenizer model (given, or
+    ``args.tokenizer_model`` if that file exists), else ``args.vocab_size``. The embedding scale comes from
+    ``scale_embedding``, else from ``args.spec``.
+    """
+    if args is None:
+        raise ConversionError(f"{where} holds no Megatron args; expected a checkpoint saved by pretrain_gpt.py")
+    if scale_embedding is None:
+        scale_embedding = _spec_scale(getattr(args, "spec", None))
+        if scale_embedding is None:
+            raise ConversionError(
+                f"{where} was trained with --spec {getattr(args, 'spec', None)}, so its embedding scale is unknown; "
+                "expected a spec of megatron_tnllm.specs, or pass --scale-embedding / --no-scale-embedding"
+            )
+    if args.num_layers != layer_count:
+        raise ConversionError(
+            f"{where}: args.num_layers is {args.num_layers} but the checkpoint has {layer_count} layers"
+        )
+    if tokenizer_model is None and getattr(args, "tokenizer_model", None) and Path(args.tokenizer_model).is_file():
+        tokenizer_model = Path(args.tokenizer_model)
+    if vocab_size is None and tokenizer_model is not None:
+        import sentencepiece
+
+        vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+    vocab_size = vocab_size or getattr(args, "vocab_size", None)
+    if vocab_size is None:
+        raise ConversionError(
+            f"cannot tell the true vocabulary size of {where} (padded to {padded_vocab}): "
+            "pass --vocab-size or --tokenizer-model"
+        )
+    if vocab_size > padded_vocab:
+        raise ConversionError(f"vocabulary size {vocab_size} exceeds the checkpoint's embedding rows ({padded_vocab})")
+    tnl = TNLConfig(
+        name="custom",
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_heads=args.num_attention_heads,
+        glu_size=args.ffn_hidden_size,
+        vocab_size=vocab_size,
+        scale_embedding=scale_embedding,
+        lrpe_layers=lrpe_layers,
+        norm_eps=args.layernorm_epsilon,
+        seq_length=getattr(args, "seq_length", None) or 2048,
+    )
+    if getattr(args, "kv_channels", None) not in (None, tnl.head_dim):
+        raise ConversionError(
+            f"{where}: args.kv_channels is {args.kv_channels}; TNL needs hidden_size / heads = {tnl.head_dim}"
+        )
+    preset = matching_preset(tnl)
+    return (tnl.replace(name=preset.name) if preset else tnl), tokenizer_model
+
+
+def _check_shapes(tnl: TNLConfig, padded_vocab: int, stored: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Every Megatron key of the model is stored, at the shape the args imply."""
+    for group in range(tnl.num_layers + 1):
+        for key, shape in megatron_group_shapes(tnl, group, padded_vocab).items():
+            if key not in stored:
+                raise ConversionError(f"{key} is missing from {where}")
+            if tuple(stored[key]) != shape:
+                raise ConversionError(
+                    f"{key} has shape {list(stored[key])} in {where}, but its args (num_layers={tnl.num_layers}, "
+                    f"hidden_size={tnl.hidden_size}, num_attention_heads={tnl.num_heads}, "
+                    f"ffn_hidden_size={tnl.glu_size}) imply {list(shape)}"
+                )
+
+
+def _require_tnl(keys, probe: str, where: Path) -> None:
+    if probe not in keys or not any(k.startswith(MEGATRON_EMBEDDING) for k in keys):
+        sample = ", ".join(sorted(k for k in keys if k.startswith("decoder.layers.0."))[:3]) or ", ".join(
+            sorted(keys)[:3]
+        )
+        raise ConversionError(f"{where} is not a TransNormerLLM checkpoint: it has no {probe} (it has {sample})")
+
+
+def _lrpe_layers(keys) -> tuple[int, ...]:
+    return tuple(sorted(int(_LAYER_KEY.match(k).group(1)) for k in keys if k.endswith("self_attention.lrpe_theta")))
+
+
+def _shift_layer(key: str, offset: int) -> str:
+    """decoder.layers.{j}.x -> decoder.layers.{offset + j}.x (local to global layer numbers)."""
+    return _LAYER_KEY.sub(lambda m: f"decoder.layers.{offset + int(m.group(1))}.", key, count=1)
+
+
+def _layer_count(keys) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))}
+    return max(indices) + 1 if indices else 0
+
+
+# ------------------------------------------------------------------------------------------ torch_dist
+
+
+class MegatronDistCheckpoint:
+    """A torch_dist checkpoint directory read group by group (tensors at their global shapes)."""
+
+    def __init__(self, directory: Path, **model_options) -> None:
+        from megatron.core.dist_checkpointing import load_common_state_dict
+
+        self.path = Path(directory)
+        if not (self.path / ".metadata").is_file():
+            raise ConversionError(f"{self.path}/.metadata is missing; the torch_dist checkpoint is incomplete")
+        self.reader = FileSystemReader(self.path)
+        metadata = self.reader.read_metadata()
+        self._check_files(metadata)
+        stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        _require_tnl(stored, "decoder.layers.0.self_attention.qkvu_proj.weight.query", self.path)
+        self.dtypes = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+        args = load_common_state_dict(str(self.path)).get("args")
+        self.padded_vocab = stored[MEGATRON_EMBEDDING][0]
+        self.tnl, self.tokenizer_model = resolve_model(
+            args, self.path, _layer_count(stored), _lrpe_layers(stored), self.padded_vocab, **model_options
+        )
+        _check_shapes(self.tnl, self.padded_vocab, stored, self.path)
+        self.dtype = self.dtypes[MEGATRON_EMBEDDING]
+
+    def _check_files(self, metadata: Metadata) -> None:
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(needed.items()):
+            path = self.path / name
+            if not path.is_file():
+                raise ConversionError(f"{path} is missing; {self.path}/.metadata stores tensors in it")
+            if path.stat().st_size < size:
+                raise ConversionError(
+                    f"{path} is truncated: {self.path}/.metadata needs {size} bytes, the file has {path.stat().st_size}"
+                )
+
+    def group(self, index: int) -> dict[str, torch.Tensor]:
+        """Group ``index`` under HF names (0: embedding without padding rows; i + 1: layer i)."""
+        shapes = megatron_group_shapes(self.tnl, index, self.padded_vocab)
+        state = {key: torch.empty(shape, dtype=self.dtypes[key]) for key, shape in shapes.items()}
+        dcp.load(state, storage_reader=self.reader, no_dist=True)
+        return from_megatron(index, state, self.tnl.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------ legacy torch
+
+
+class MegatronLegacyCheckpoint:
+    """A legacy ``torch`` checkpoint: ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per rank, per-rank tensors."""
+
+    def __init__(self, directory: Path, **model_options) -> None:
+        self.path = Path(directory)
+        ranks = {}
+        for child in self.path.iterdir():
+            if m := _LEGACY_RANK_DIR.match(child.name):
+                ranks[(int(m.group(1)), int(m.group(2) or 0))] = child / "model_optim_rng.pt"
+        self.tp = 1 + max(t for t, _ in ranks)
+        self.pp = 1 + max(p for _, p in ranks)
+        self.files = {}
+        for tp in range(self.tp):
+            for pp in range(self.pp):
+                path = ranks.get((tp, pp))
+                if path is None or not path.is_file():
+                    name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if self.pp > 1 else "")
+                    raise ConversionError(
+                        f"{self.path / name / 'model_optim_rng.pt'} is missing (TP {self.tp} x PP {self.pp})"
+                    )
+                self.files[(tp, pp)] = path
+        first = self._load(self.files[(0, 0)])
+        if "model" not in first:
+            raise ConversionError(
+                f"{self.files[(0, 0)]} has no 'model' state (keys {sorted(first)[:5]}); "
+                "virtual-pipeline checkpoints (model0, model1, ...) are not supported"
+            )
+        # Per stage: how many layers, and the shapes of TP rank 0's tensors.
+        self.offsets, local_shapes, dtypes, total = [], {}, {}, 0
+        for pp in range(self.pp):
+            model = first["model"] if pp == 0 else self._load(self.files[(0, pp)])["model"]
+            self.offsets.append(total)
+            for key, tensor in model.items():
+                if not isinstance(tensor, torch.Tensor) or key.startswith("output_layer."):
+                    continue
+                global_key = _shift_layer(key, total)
+                local_shapes[global_key], dtypes[global_key] = tuple(tensor.shape), tensor.dtype
+            total += _layer_count(model)
+        _require_tnl(local_shapes, "decoder.layers.0.self_attention.qkvu_proj.weight", self.path)
+        self.padded_vocab = local_shapes[MEGATRON_EMBEDDING][0] * self.tp
+        self.tnl, self.tokenizer_model = resolve_model(
+            first.get("args"), self.path, total, _lrpe_layers(local_shapes), self.padded_vocab, **model_options
+        )
+        _check_shapes(self.tnl, self.padded_vocab, self._global_shapes(local_shapes), self.path)
+        self.dtype = dtypes[MEGATRON_EMBEDDING]
+        self._stage: tuple[int, list[dict]] | None = None
+
+    def _load(self, path: Path) -> dict:
+        try:  # the file holds argparse.Namespace args, so not weights_only; memory-mapped
+            return torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+        except Exception as e:
+            raise ConversionError(f"cannot read {path} ({e}); is it truncated?") from None
+
+    def _global_shapes(self, local: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for key, shape in local.items():
+            if key.endswith("_extra_state"):
+                continue
+            fake = [torch.empty(shape, device="meta")] * self.tp
+            merged = merge_tensor_parallel(key, fake)
+            shapes.update({k: tuple(v.shape) for k, v in split_torch_dist(key, merged).items()})
+        return shapes
+
+    def _stage_states(self, pp: int) -> list[dict]:
+        """The TP ranks' model states of pipeline stage ``pp`` (the previous stage's are released)."""
+        if self._stage is None or self._stage[0] != pp:
+            self._stage = None
+            self._stage = (pp, [self._load(self.files[(tp, pp)])["model"] for tp in range(self.tp)])
+        return self._stage[1]
+
+    def group(self, index: int) -> dict[str, torch.Tensor]:
+        """Group ``index`` under HF names, merged across tensor-parallel ranks."""
+        if index == 0:
+            states, prefix, global_prefix = self._stage_states(0), MEGATRON_EMBEDDING, MEGATRON_EMBEDDING
+        else:
+            layer = index - 1
+            pp = max(p for p, offset in enumerate(self.offsets) if offset <= layer)
+            states = self._stage_states(pp)
+            prefix, global_prefix = f"decoder.layers.{layer - self.offsets[pp]}.", f"decoder.layers.{layer}."
+        merged = {}
+        for key in states[0]:
+            if key.startswith(prefix) and not key.endswith("_extra_state"):
+                tensor = merge_tensor_parallel(key, [state[key] for state in states])
+                merged.update(split_torch_dist(global_prefix + key[len(prefix) :], tensor))
+        return from_megatron(index, merged, self.tnl.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _RawBytesSavePlanner(DefaultSavePlanner):
+    """Stores byte objects as given: Megatron keeps a ShardedObject as the bytes of ``torch.save([obj])``."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def transform_object(self, write_item, object):  # noqa: A002 - the base class's name
+        return object
+
+
+def save_dcp_part(directory: Path, tensors: dict[str, torch.Tensor], objects: dict[str, object]) -> None:
+    """One DCP checkpoint of whole tensors (global shape, one chunk each) and Megatron-style objects."""
+    state: dict[str, torch.Tensor | io.BytesIO] = dict(tensors)
+    for key, obj in objects.items():
+        buffer = io.BytesIO()
+        torch.save([obj], buffer)
+        state[key] = buffer
+    directory.mkdir(parents=True)
+    dcp.save(
+        state, storage_writer=FileSystemWriter(directory, thread_count=1), planner=_RawBytesSavePlanner(), no_dist=True
+    )
+
+
+def merge_dcp_parts(parts: list[Path], directory: Path) -> None:
+    """Moves the data files of DCP checkpoints ``parts`` into ``directory`` (renamed ``__{part}_{n}.distcp``) and
+    writes the ``.metadata`` of their union; the part directories are removed."""
+    tensors, storage, version = {}, {}, None
+    for k, part in enumerate(parts):
+        metadata = FileSystemReader(part).read_metadata()
+        renamed: dict[str, str] = {}
+        for index, info in metadata.storage_data.items():
+            new = renamed.setdefault(info.relative_path, f"__{k}_{len(renamed)}.distcp")
+            storage[index] = dataclasses.replace(info, relative_path=new)
+        for old, new in renamed.items():
+            os.replace(part / old, directory / new)
+        duplicated = tensors.keys() & metadata.state_dict_metadata.keys()
+        if duplicated:
+            raise RuntimeError(f"keys saved twice: {sorted(duplicated)[:3]}")
+        tensors.update(metadata.state_dict_metadata)
+        version = metadata.version
+        shutil.rmtree(part)
+    with open(directory / ".metadata", "wb") as f:
+        pickle.dump(Metadata(state_dict_metadata=tensors, storage_data=storage, version=version), f)
+
+
+def megatron_args(
+    tnl: TNLConfig,
+    *,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    padded_vocab: int,
+    make_vocab_size_divisible_by: int,
+    dtype: torch.dtype,
+    tokenizer_model: Path | None,
+) -> argparse.Namespace:
+    """The args namespace ``pretrain_gpt.py`` would save for this model, parsed by Megatron's own parser.
+
+    Checkpoint args record no optimizer and no RNG state, so ``--load`` does not look for them.
+    """
+    from megatron.training.arguments import add_megatron_arguments
+
+    argv = tnl.to_megatron_args()
+    preset = matching_preset(tnl)
+    if preset is not None:
+        argv[-1] = preset.spec_name
+    elif tnl.lrpe_layers == (0,):
+        argv[-1] = "tnl_scaled_embedding" if tnl.scale_embedding else "tnl"
+    else:
+        raise ConversionError(
+            f"no spec of megatron_tnllm.specs builds LRPE on layers {list(tnl.lrpe_layers)} "
+            "(the generic specs put it on layer 0 only); expected a preset's LRPE layers or [0]"
+        )
+    argv += [
+        "--tensor-model-parallel-size", str(tensor_parallel),
+        "--pipeline-model-parallel-size", str(pipeline_parallel),
+        "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by),
+        "--ckpt-format", "torch_dist",
+        "--no-save-optim",
+        "--no-save-rng",
+        "--no-gradient-accumulation-fusion",
+    ]  # fmt: skip
+    if tokenizer_model is not None:
+        argv += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model)]
+    argv += {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])
+    args = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args(argv)
+    # What validate_args() derives (it needs CUDA, so it cannot run here).
+    args.rank, args.world_size, args.data_parallel_size = 0, tensor_parallel * pipeline_parallel, 1
+    args.padded_vocab_size, args.vocab_size = padded_vocab, tnl.vocab_size
+    args.params_dtype = dtype
+    args.use_dist_ckpt = True
+    args.consumed_train_samples = args.skipped_train_samples = args.consumed_valid_samples = 0
+    return args
+
+
+def write_checkpoint_metadata(root: Path, iteration: int) -> None:
+    """The tracker file and ``metadata.json`` that make ``root/iter_N`` a torch_dist checkpoint for ``--load``."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    save_config(CheckpointingConfig("torch_dist", 1), str(root / f"iter_{iteration:07d}"))
+    (root / TRACKER).write_text(str(iteration))

@@ -1,0 +1,392 @@
+"""TransNormerLLM for Hugging Face transformers, in the layout of the released OpenNLPLab checkpoints.
+
+Same module and parameter names as ``OpenNLPLab/TransNormerLLM-*`` (SPEC.md §3), so their weights load as
+they are; same computation (SPEC.md §1), with two deliberate differences: LRPE angles are formed in fp32
+(the released code rounds positions to bf16), and padding is handled per sequence (left-padded batches
+generate what each prompt generates alone).
+
+Generation keeps a :class:`TransnormerCache`: per layer one fp32 state [b, h, d_qk, d_v], so memory does
+not grow with the length. Beam search reorders it by beam (the released ``_reorder_cache`` iterates over
+the wrong dimension).
+
+The operators come from ``megatron_tnllm`` (Triton kernels on CUDA tensors, PyTorch elsewhere). Exported
+checkpoint directories carry a copy of this file in which the marked import block below is replaced by the
+PyTorch reference code (``megatron_tnllm.hf.export.standalone_modeling_source``), so they load with only
+torch and transformers installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+# --- standalone imports: begin ---
+from megatron_tnllm.layers.decay import layer_slopes
+from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
+from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+
+# --- standalone imports: end ---
+from .configuration_transnormer import TransnormerConfig
+
+__all__ = [
+    "TransnormerCache",
+    "TransnormerConfig",
+    "TransnormerForCausalLM",
+    "TransnormerModel",
+    "TransnormerPreTrainedModel",
+]
+
+NORM_EPS = 1e-6
+# transformers renamed the cache field of model outputs (and the generate() keyword) from
+# "past_key_values" to "cache" during 5.x; speak whichever this version speaks.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def check_config(config: TransnormerConfig) -> None:
+    """Rejects configs the released architecture does not define, naming the key and what is expected."""
+    expected = {
+        "hidden_dim": (config.hidden_dim, config.decoder_embed_dim, "decoder_embed_dim"),
+        "norm_type": (config.norm_type, "simplermsnorm", None),
+        "bias": (config.bias, False, None),
+    }
+    for key, (value, want, named) in expected.items():
+        if value != want:
+            raise ValueError(f"config {key}={value!r} is not supported; expected {named or repr(want)}")
+    if config.linear_act_fun not in ("swish", "silu"):
+        raise ValueError(f"config linear_act_fun={config.linear_act_fun!r} is not supported; expected 'swish'")
+    if config.decoder_embed_dim % config.decoder_attention_heads:
+        raise ValueError(
+            f"config decoder_embed_dim={config.decoder_embed_dim} is not divisible by "
+            f"decoder_attention_heads={config.decoder_attention_heads}"
+        )
+    lrpe = config.linear_use_lrpe_list
+    if lrpe and len(lrpe) != config.decoder_layers:
+        raise ValueError(
+            f"config linear_use_lrpe_list has {len(lrpe)} entries; expected one per layer ({config.decoder_layers})"
+        )
+
+
+class TransnormerCache:
+    """Constant-size generation state.
+
+    Attributes:
+        states: per layer the fp32 state [b, h, d_qk, d_v] (d_qk = 2 d on LRPE layers) after the last token.
+        positions: [b] int64, the LRPE position of each sequence's next token (its count of non-pad tokens).
+        seen_tokens: tokens consumed so far, pad included (what generate() calls the cache length).
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.states: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues the sequence in row ``beam_idx[i]`` (every state and position)."""
+        self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+
+class Lrpe(nn.Module):
+    """LRPE's learnable angles theta [h, 1, d] (released name ``lrpe.theta``)."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.theta = nn.Parameter(torch.empty(num_heads, 1, head_dim))  # set by _init_weights or the checkpoint
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [b, n, h, d] at positions [b, n] -> [b, n, h, 2d]."""
+        return apply_lrpe(x, self.theta, positions)
+
+
+class NormLinearAttention(nn.Module):
+    """The token mixer: o = SRMSNorm(decayed linear attention(SiLU(q), SiLU(k), v)) * u, projected."""
+
+    def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        width = config.decoder_embed_dim
+        self.num_heads = config.decoder_attention_heads
+        self.head_dim = width // self.num_heads
+        self.qkvu_proj = nn.Linear(width, 4 * width, bias=False)
+        self.out_proj = nn.Linear(width, width, bias=False)
+        lrpe = config.linear_use_lrpe_list
+        if lrpe and lrpe[layer_idx]:
+            self.lrpe = Lrpe(self.num_heads, self.head_dim)
+        self.slopes = layer_slopes(self.num_heads, layer_idx, config.decoder_layers)
+        self._slope: torch.Tensor | None = None
+
+    def slope(self, device: torch.device) -> torch.Tensor:
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the decay.
+        if self._slope is None or self._slope.device != device:
+            self._slope = torch.tensor(self.slopes, dtype=torch.float32, device=device)
+        return self._slope
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        pad_mask: torch.Tensor | None,
+        state: torch.Tensor | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [b, n, D] -> ([b, n, D], new state [b, h, d_qk, d_v] fp32 or None).
+
+        positions [b, n]: LRPE positions; pad_mask [b, n] bool, False at padding (whose v rows are zeroed,
+        so padding adds nothing to the state); state: the state before these tokens.
+        """
+        b, n, width = x.shape
+        q, k, v, u = self.qkvu_proj(x).view(b, n, 4, self.num_heads, self.head_dim).unbind(2)  # [b, n, h, d]
+        q, k = F.silu(q), F.silu(k)
+        if hasattr(self, "lrpe"):
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+        if pad_mask is not None:
+            v = v.masked_fill(~pad_mask[:, :, None, None], 0.0)
+        slope = self.slope(x.device)
+        if n == 1 and state is not None:
+            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state, inplace=True)
+            o = o[:, None]
+        else:
+            o, state = lightning_attention(q, k, v, slope, initial_state=state, output_final_state=use_cache)
+        o = srmsnorm(o.reshape(b, n, width), NORM_EPS) * u.reshape(b, n, width)
+        return self.out_proj(o), state
+
+
+class GLU(nn.Module):
+    """The channel mixer, SGLU: l3(l1(x) * l2(x)), no activation."""
+
+    def __init__(self, width: int, glu_width: int) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(width, glu_width, bias=False)
+        self.l2 = nn.Linear(width, glu_width, bias=False)
+        self.l3 = nn.Linear(glu_width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class TransnormerDecoderLayer(nn.Module):
+    """Pre-norm layer: x + TokenMixer(SRMSNorm(x)), then x + SGLU(SRMSNorm(x)). Norms have no weights."""
+
+    def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.token_mixer = NormLinearAttention(config, layer_idx)
+        glu_width = config.decoder_embed_dim if config.glu_dim == -1 else config.glu_dim
+        self.channel_mixer = GLU(config.decoder_embed_dim, glu_width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        pad_mask: torch.Tensor | None,
+        state: torch.Tensor | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        o, state = self.token_mixer(srmsnorm(x, NORM_EPS), positions, pad_mask, state, use_cache)
+        x = x + o
+        return x + self.channel_mixer(srmsnorm(x, NORM_EPS)), state
+
+
+class TransnormerPreTrainedModel(PreTrainedModel):
+    config_class = TransnormerConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TransnormerDecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r"decoder\.version"]  # residue of the Metaseq conversion
+    _is_stateful = True  # a state cannot be rolled back: no assisted generation
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a key/value cache: the model creates its TransnormerCache at prefill.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, Lrpe):
+            module.theta.copy_(lrpe_theta_init(module.num_heads, module.head_dim))
+
+
+class TransnormerModel(TransnormerPreTrainedModel):
+    """Embedding, decoder layers and the final SRMSNorm."""
+
+    def __init__(self, config: TransnormerConfig) -> None:
+        check_config(config)
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
+        self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: TransnormerCache | None = None,
+        past_key_values: TransnormerCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """input_ids [b, n] (or inputs_embeds [b, n, D], taken unscaled) -> last_hidden_state [b, n, D].
+
+        attention_mask [b, past + n] (or [b, n]): 1 for tokens, 0 for left padding. ``cache`` (named
+        ``past_key_values`` by transformers up to 5.17 at least) holds the state after the past tokens; with
+        ``use_cache`` the updated cache is returned.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids) * self.embed_scale
+        b, n, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        if use_cache and cache is None:
+            cache = TransnormerCache(len(self.layers))
+        if not use_cache:
+            cache = None
+
+        pad_mask = None if attention_mask is None else attention_mask[:, -n:].to(device=device, dtype=torch.bool)
+        start = torch.zeros(b, dtype=torch.long, device=device)
+        if cache is not None and cache.positions is not None:
+            start = cache.positions.to(device)
+        if pad_mask is None:
+            positions = start[:, None] + torch.arange(n, device=device)
+        else:  # count real tokens only: a left-padded prompt gets the positions it has alone
+            positions = start[:, None] + pad_mask.long().cumsum(-1) - 1
+
+        hidden = inputs_embeds
+        all_hidden = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            state = cache.states[i] if cache is not None else None
+            hidden, state = layer(hidden, positions, pad_mask, state, use_cache)
+            if cache is not None:
+                cache.states[i] = state
+        hidden = srmsnorm(hidden, NORM_EPS)
+        if output_hidden_states:
+            all_hidden.append(hidden)
+        if cache is not None:
+            cache.positions = start + (n if pad_mask is None else pad_mask.long().sum(-1))
+            cache.seen_tokens += n
+
+        out = BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{CACHE_FIELD: cache},
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+
+class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
+    """TransnormerModel plus the output layer tied to the embedding."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TransnormerConfig) -> None:
+        super().__init__(config)
+        self.model = TransnormerModel(config)
+        self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: TransnormerCache | None = None,
+        past_key_values: TransnormerCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits [b, n, V] (the last ``logits_to_keep`` positions if > 0); with ``labels`` [b, n] also the
+        next-token cross-entropy (labels shifted inside, -100 ignored)."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool = True,
+        logits_to_keep: int | None = None,
+        **kwargs,
+    ) -> dict:
+        """Feeds only the tokens the cache has not seen (all of them without a cache).
+
+        The attention mask spans past and new tokens, so its length minus the cache length is the number of
+        new tokens whatever the transformers version passes in ``input_ids``.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache, CACHE_FIELD: cache}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past - total :] if past else input_ids
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs

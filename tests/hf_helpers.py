@@ -1,0 +1,46 @@
+"""Shared by the Hugging Face and converter tests: a tiny TNL in HF form, a SentencePiece model, weight readers."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from megatron_tnllm import tokenizer as tnl_tokenizer
+from megatron_tnllm.configs import get_preset
+from megatron_tnllm.convert.layout import hf_config_from_tnl
+from megatron_tnllm.hf import TransnormerForCausalLM
+
+# tnl-tiny (4 layers, D 256, 4 heads, LRPE on layer 0, embeddings scaled by 16) with a 1000-piece vocabulary,
+# which Megatron pads to 1024 at TP 2.
+TINY = get_preset("tnl-tiny").replace(vocab_size=1000)
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt.gz"
+
+
+def tiny_model(seed: int = 0, **overrides) -> TransnormerForCausalLM:
+    """A randomly initialised TNL (fp32, eval mode) of shape TINY (TNLConfig ``overrides`` allowed)."""
+    torch.manual_seed(seed)
+    return TransnormerForCausalLM(hf_config_from_tnl(TINY.replace(**overrides))).eval()
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory (safetensors, sharded or not)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(directory / name))
+    return tensors
+
+
+def train_sentencepiece(directory: Path, vocab_size: int = 1000) -> Path:
+    """A TNL-style BPE SentencePiece model trained on the first 300 kB of Tiny Shakespeare."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = gzip.open(SHAKESPEARE, "rt", encoding="utf-8").read()[:300_000]
+    return tnl_tokenizer.train_sentencepiece(text, directory / "tokenizer", vocab_size)

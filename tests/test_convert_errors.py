@@ -1,0 +1,174 @@
+"""Every bad input gets an error naming the bad value and what was expected, and leaves no output behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_tnllm.convert import ConversionError, hf_to_megatron, megatron_to_hf
+from megatron_tnllm.convert.cli import main as convert
+from megatron_tnllm.convert.hf_format import HFCheckpoint
+from megatron_tnllm.convert.megatron_format import TRACKER, merge_dcp_parts, save_dcp_part, write_checkpoint_metadata
+from tests.hf_helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A sharded HF directory and its Megatron conversion, both pristine (tests copy them before damaging)."""
+    root = tmp_path_factory.mktemp("good")
+    tiny_model(seed=2).save_pretrained(root / "hf", max_shard_size="4MB")
+    hf_to_megatron(root / "hf", root / "megatron", progress=False)
+    return root
+
+
+def _copy(checkpoints: Path, name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(checkpoints / name, tmp_path / name))
+
+
+def _assert_fails(convert_fn, source: Path, target: Path, match: str, **kwargs) -> None:
+    with pytest.raises(ConversionError, match=match):
+        convert_fn(source, target, progress=False, **kwargs)
+    assert not target.exists()
+    assert not list(target.parent.glob(f".{target.name}.*")), "a temporary directory was left behind"
+
+
+def _shards(hf_dir: Path) -> list[Path]:
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    return [hf_dir / name for name in sorted(set(index["weight_map"].values()))]
+
+
+def test_missing_shard(checkpoints, tmp_path):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    shard = _shards(hf)[1]
+    shard.unlink()
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", f"shard {shard.name} listed in .*index.json is missing")
+
+
+def test_truncated_safetensors_shard(checkpoints, tmp_path):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    shard = _shards(hf)[0]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1000)
+    _assert_fails(
+        hf_to_megatron, hf, tmp_path / "out", rf"{shard.name} is truncated: .* {size} bytes, the file has {size - 1000}"
+    )
+
+
+def test_truncated_bin(checkpoints, tmp_path):
+    hf = tmp_path / "bin"
+    hf.mkdir()
+    shutil.copyfile(checkpoints / "hf" / "config.json", hf / "config.json")
+    torch.save(tiny_model(seed=2).state_dict(), hf / "pytorch_model.bin")
+    data = (hf / "pytorch_model.bin").read_bytes()
+    (hf / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", "cannot read .*pytorch_model.bin .*truncated")
+
+
+def test_config_does_not_match_weights(checkpoints, tmp_path):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "glu_dim": 512}))
+    _assert_fails(
+        hf_to_megatron, hf, tmp_path / "out",
+        r"model.layers.0.channel_mixer.l1.weight has shape \[704, 256\] .* glu_dim=512.* implies \[512, 256\]",
+    )  # fmt: skip
+    (hf / "config.json").write_text(json.dumps({**config, "decoder_layers": 3, "linear_use_lrpe_list": [1, 0, 0]}))
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", "holds tensors that a TNL .*decoder_layers=3.*model.layers.3")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"model_type": "llama"}, "model_type 'llama'; expected 'transnormer'"),
+        ({"linear_act_fun": "relu"}, "linear_act_fun='relu' is not supported; expected 'swish'"),
+        ({"hidden_dim": 512}, "hidden_dim=512 is not supported; expected decoder_embed_dim"),
+    ],
+)
+def test_wrong_model_type_or_architecture(checkpoints, tmp_path, change, match):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **change}))
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", match)
+
+
+def test_not_a_megatron_checkpoint(checkpoints, tmp_path):
+    _assert_fails(megatron_to_hf, checkpoints / "hf", tmp_path / "out", "is not a Megatron checkpoint: no latest_")
+
+
+def test_megatron_gpt_checkpoint_is_refused(checkpoints, tmp_path):
+    """A Megatron checkpoint of another model (GPT attention keys)."""
+    root = tmp_path / "gpt"
+    iteration = root / "iter_0000000"
+    iteration.mkdir(parents=True)
+    part = iteration / "part"
+    tensors = {
+        "embedding.word_embeddings.weight": torch.zeros(64, 8),
+        "decoder.layers.0.self_attention.linear_qkv.weight": torch.zeros(24, 8),
+    }
+    save_dcp_part(part, tensors, {})
+    merge_dcp_parts([part], iteration)
+    write_checkpoint_metadata(root, 0)
+    _assert_fails(
+        megatron_to_hf, root, tmp_path / "out",
+        "is not a TransNormerLLM checkpoint: it has no decoder.layers.0.self_attention.qkvu_proj.weight.query "
+        r"\(it has decoder.layers.0.self_attention.linear_qkv.weight\)",
+    )  # fmt: skip
+
+
+def test_missing_and_truncated_megatron_files(checkpoints, tmp_path):
+    megatron = _copy(checkpoints, "megatron", tmp_path)
+    data = sorted((megatron / "iter_0000000").glob("*.distcp"))
+    size = data[2].stat().st_size
+    with open(data[2], "r+b") as f:
+        f.truncate(size // 2)
+    _assert_fails(megatron_to_hf, megatron, tmp_path / "out", rf"{data[2].name} is truncated: .*needs {size} bytes")
+    data[2].unlink()
+    _assert_fails(megatron_to_hf, megatron, tmp_path / "out", rf"{data[2].name} is missing; .*\.metadata stores")
+    (megatron / TRACKER).write_text("5")
+    _assert_fails(megatron_to_hf, megatron, tmp_path / "out", r"iter_0000005 is missing \(named by .*latest_")
+
+
+def test_megatron_vocab_larger_than_embedding(checkpoints, tmp_path):
+    _assert_fails(
+        megatron_to_hf, checkpoints / "megatron", tmp_path / "out",
+        r"vocabulary size 5000 exceeds the checkpoint's embedding rows \(1024\)", vocab_size=5000,
+    )  # fmt: skip
+
+
+def test_refuses_to_overwrite_without_force(checkpoints, tmp_path, capsys):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    code = convert(["megatron-to-hf", str(checkpoints / "megatron"), str(target), "--no-progress"])
+    assert code == 2 and "already exists; pass --force to replace it" in capsys.readouterr().err
+    assert (target / "keep.txt").read_text() == "precious"
+    assert convert(["megatron-to-hf", str(checkpoints / "megatron"), str(target), "--force", "--no-progress"]) == 0
+    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_failure_midway_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    read_group = HFCheckpoint.group
+
+    def failing_group(self, index):
+        if index == 3:
+            raise OSError("disk read error")
+        return read_group(self, index)
+
+    monkeypatch.setattr(HFCheckpoint, "group", failing_group)
+    target = tmp_path / "out"
+    with pytest.raises(OSError, match="disk read error"):
+        hf_to_megatron(checkpoints / "hf", target, progress=False)
+    assert not target.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_bad_sizes_and_layouts(checkpoints, tmp_path):
+    _assert_fails(megatron_to_hf, checkpoints / "megatron", tmp_path / "out", "cannot read size '5 apples'",
+                  max_shard_size="5 apples")  # fmt: skip
+    _assert_fails(hf_to_megatron, checkpoints / "hf", tmp_path / "out", "TP 3 x PP 1 does not divide 4 heads",
+                  tensor_parallel=3)  # fmt: skip
