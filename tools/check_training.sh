@@ -6,9 +6,11 @@
 #
 # STEP "convergence" (GPU 0): tnl-385m, 200 iterations on Tiny Shakespeare with deterministic settings,
 #   checkpoints at 100 and 200; then resume from iteration 100 to 120 and compare the losses.
-# STEP "layouts" (GPUs 0, 1): the first 20 iterations at TP=2, TP=2 + SP, PP=2 and DP=2 with the distributed
-#   optimizer, compared with the 1-GPU run of "convergence" (needs its log in OUT_DIR); a TP=2 checkpoint at
-#   iteration 20 resumed at PP=2 to iteration 30, compared with the TP=2 run's own iterations 21-30.
+# STEP "layouts" (GPUs 0, 1): the first 20 iterations on 1 GPU, at TP=2, TP=2 + SP, PP=2 and DP=2 with the
+#   distributed optimizer, all starting from one initial checkpoint (a random tnl-385m converted with
+#   megatron_tnllm.convert and loaded with --finetune: Megatron would otherwise draw other initial weights per
+#   TP rank and pipeline stage); then a TP=2 checkpoint at iteration 20 resumed at PP=2 to iteration 30,
+#   compared with the TP=2 run's own iterations 21-30.
 # All runs: micro-batch 4, global batch 8, sequence 2048, bf16, seed 1234, --deterministic-mode.
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR convergence|layouts}
@@ -42,12 +44,30 @@ convergence)
     "${compare[@]}" "$out/1gpu.log" "$out/1gpu_resume100.log" --iters 101-120 --tol 0
     ;;
 layouts)
-    run tp2 2 TP=2 SP=0 DISTOPT=0 SAVE_INTERVAL=20 -- --exit-interval 30
-    run tp2_sp 2 TP=2 SP=1 DISTOPT=0 -- --exit-interval 20
-    run pp2 2 PP=2 DISTOPT=0 -- --exit-interval 20
-    run dp2_distopt 2 DISTOPT=1 -- --exit-interval 20
+    if [[ ! -f $work/init/latest_checkpointed_iteration.txt ]]; then
+        "$PYTHON" - "$work/init_hf" "$TOKENIZER_MODEL" <<'PY'
+import sys
+import sentencepiece as spm
+import torch
+from megatron_tnllm.configs import get_preset
+from megatron_tnllm.convert.layout import hf_config_from_tnl
+from megatron_tnllm.hf import TransnormerForCausalLM
+
+torch.manual_seed(1234)
+vocab = spm.SentencePieceProcessor(model_file=sys.argv[2]).vocab_size()
+TransnormerForCausalLM(hf_config_from_tnl(get_preset("tnl-385m").replace(vocab_size=vocab))).save_pretrained(sys.argv[1])
+PY
+        "$PYTHON" -m megatron_tnllm.convert hf-to-megatron "$work/init_hf" "$work/init" --no-progress --dtype bf16 \
+            --tensor-model-parallel-size 2 > "$out/init.log" 2>&1 || { echo "initial checkpoint failed" >&2; exit 1; }
+    fi
+    init=(--load "$work/init" --finetune)
+    run 1gpu20 1 DISTOPT=0 -- "${init[@]}" --exit-interval 20
+    run tp2 2 TP=2 SP=0 DISTOPT=0 SAVE_INTERVAL=20 -- "${init[@]}" --exit-interval 30
+    run tp2_sp 2 TP=2 SP=1 DISTOPT=0 -- "${init[@]}" --exit-interval 20
+    run pp2 2 PP=2 DISTOPT=0 -- "${init[@]}" --exit-interval 20
+    run dp2_distopt 2 DISTOPT=1 -- "${init[@]}" --exit-interval 20
     run tp2_to_pp2 2 PP=2 DISTOPT=0 -- --load "$work/tp2" --ckpt-step 20 --save "$work/tp2_to_pp2" --exit-interval 30
-    "${compare[@]}" "$out/1gpu.log" "$out/tp2.log" "$out/tp2_sp.log" "$out/pp2.log" "$out/dp2_distopt.log" --iters 1-20
+    "${compare[@]}" "$out/1gpu20.log" "$out/tp2.log" "$out/tp2_sp.log" "$out/pp2.log" "$out/dp2_distopt.log" --iters 1-20
     "${compare[@]}" "$out/tp2.log" "$out/tp2_to_pp2.log" --iters 21-30
     ;;
 *) echo "unknown step $step (convergence|layouts)" >&2; exit 2 ;;
