@@ -36,11 +36,12 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Maps ``backend`` to "torch" or "triton" for a tensor on ``x.device``."""
+    """Maps ``backend`` to "torch" or "triton" for tensor ``x``: "auto" means Triton on CUDA, except for
+    fp64 (the precision of the oracle checks), which the kernels do not take."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and x.dtype != torch.float64 else "torch"
     return backend
 
 
@@ -101,7 +102,7 @@ def lightning_attention(
         (o [B, T, H, Dv] in q's dtype, final state or None)
     """
     _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens)
-    if resolve_backend(backend, q) == "triton" and not (backend == "auto" and q.dtype == torch.float64):
+    if resolve_backend(backend, q) == "triton":
         # imported here: the kernels are decorated at import, and TRITON_INTERPRET must be read then
         from megatron_tnllm.ops.lightning_attn.chunk import chunk_lightning_attention
 
@@ -141,7 +142,7 @@ def lightning_attention_step(
         raise ValueError(f"state must be fp32 (or fp64 for checks); got {state.dtype}")
     if slope.shape != (q.shape[1],):
         raise ValueError(f"slope must be [H] = [{q.shape[1]}]; got {tuple(slope.shape)}")
-    if resolve_backend(backend, q) == "triton" and not (backend == "auto" and state.dtype == torch.float64):
+    if resolve_backend(backend, state) == "triton":
         from megatron_tnllm.ops.lightning_attn.decode import lightning_attention_step_triton
 
         return lightning_attention_step_triton(q, k, v, slope, state, inplace=inplace)

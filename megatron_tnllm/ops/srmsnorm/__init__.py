@@ -15,13 +15,9 @@ from megatron_tnllm.ops.srmsnorm.naive import srmsnorm_torch
 __all__ = ["norm_gate_rstd", "srmsnorm", "srmsnorm_gate", "srmsnorm_torch"]
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    return resolve_backend(backend, x) == "triton" and not (backend == "auto" and x.dtype == torch.float64)
-
-
 def srmsnorm(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """SRMSNorm of x [..., D] over D in fp32; the result has x's dtype and shape."""
-    if _use_triton(backend, x):
+    if resolve_backend(backend, x) == "triton":
         from megatron_tnllm.ops.srmsnorm.fused import srmsnorm_triton
 
         return srmsnorm_triton(x, eps)
@@ -32,7 +28,7 @@ def srmsnorm_gate(x: torch.Tensor, u: torch.Tensor, eps: float = 1e-6, *, backen
     """srmsnorm(x) * u for x, u [..., D], in fp32 without rounding in between; x's dtype out. TP = 1 only."""
     if u.shape != x.shape:
         raise ValueError(f"u must have x's shape {tuple(x.shape)}; got {tuple(u.shape)}")
-    if _use_triton(backend, x):
+    if resolve_backend(backend, x) == "triton":
         from megatron_tnllm.ops.srmsnorm.fused import srmsnorm_gate_triton
 
         return srmsnorm_gate_triton(x, u, eps)
@@ -49,7 +45,7 @@ def norm_gate_rstd(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor, *, back
         raise ValueError(
             f"need u {tuple(x.shape)} and rstd {tuple(x.shape[:-1])}; got {tuple(u.shape)}, {tuple(rstd.shape)}"
         )
-    if _use_triton(backend, x):
+    if resolve_backend(backend, x) == "triton":
         from megatron_tnllm.ops.srmsnorm.fused import norm_gate_rstd_triton
 
         return norm_gate_rstd_triton(x, u, rstd)
