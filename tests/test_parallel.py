@@ -1,4 +1,5 @@
-"""Parallel layouts against TP=1: losses and every parameter's gradient, and checkpoints across layouts.
+"""Parallel layouts (TP, SP, PP, CP) against TP=1: losses and every parameter's gradient, and checkpoints
+across layouts.
 
 tnl-tiny (LRPE on layer 0, embeddings scaled by 16) runs on CPU with gloo. The TP=1 reference
 saves its weights and its gradients as torch_dist checkpoints; every other layout loads both
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_tnllm.configs import get_preset
 from megatron_tnllm.models import build_model
@@ -130,6 +132,34 @@ def _pp_worker(rank, world, reference):
 
 def test_pipeline_parallel_matches_tp1(reference):
     run_distributed(_pp_worker, 2, reference)
+
+
+def _cp_worker(rank, world, reference, tp):
+    """CP=2: each rank holds a zig-zag quarter pair of every sequence (Megatron's split); the summed token
+    losses and the CP-summed gradients must equal TP=1's."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=2)
+    cp_group = parallel_state.get_context_parallel_group()
+    model = tiny(sequence_parallel=tp > 1)
+    load_checkpoint(model, reference / "weights")
+    ids, positions, labels = fixed_batch(PRESET.vocab_size)
+    local = get_batch_on_this_cp_rank(
+        {"tokens": ids, "position_ids": positions, "labels": labels, "cu_seqlens": None}, False, cp_group
+    )
+    per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"]).float()
+    loss = per_token.sum() / labels.numel()  # this rank's share of the mean over the whole batch
+    loss.backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=cp_group)  # Megatron's DDP reduces over data x context parallel ranks
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=cp_group)
+    layout = "CP=2" if tp == 1 else f"CP=2 x TP={tp} + SP"
+    worst, count = _compare_grads(model, reference, layout, sequence_parallel=tp > 1)
+    _report(reference, layout, total.item(), worst, count)
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["cp2", "cp2_tp2_sp"])
+def test_context_parallel_matches_tp1(reference, tp):
+    run_distributed(_cp_worker, 2 * tp, reference, tp)
 
 
 def _save_at_tp2(rank, world, out):

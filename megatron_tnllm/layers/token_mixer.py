@@ -6,6 +6,11 @@ Per layer (SPEC.md §1), on TP-local heads:
     o = lightning_attention(q, k, v, slope of this layer's heads)
     o = SRMSNorm(o over all D channels, across TP ranks) * u
     out = o W_out                   row-parallel (all-reduce, or reduce-scatter under SP)
+
+Context parallelism (CP) follows Megatron's GatedDeltaNet: the rank holds a zig-zag share of the sequence;
+an all-to-all trades it for the whole sequence, in natural order, of 1/CP of its heads (so the decay, LRPE
+positions and kernel need no rank arithmetic), and a second one trades the attention output back. The gate
+u and the norm stay in the sequence-sharded layout, where the norm only spans TP.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.ssm.gated_delta_net.common import tensor_a2a_cp2hp, tensor_a2a_hp2cp
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
@@ -52,7 +57,7 @@ class TokenMixer(MegatronModule):
         submodules: the qkvu and output projections.
         layer_number: 1-based global layer number (Megatron adds the pipeline offset); it selects
             this layer's decay and whether it uses LRPE.
-        pg_collection: process groups (the TP group is used); defaults to parallel_state's.
+        pg_collection: process groups (TP and CP are used); defaults to parallel_state's.
         lrpe_layers: 0-based global indices of the layers with LRPE.
     """
 
@@ -67,13 +72,16 @@ class TokenMixer(MegatronModule):
         **kwargs,
     ) -> None:
         super().__init__(config)
-        self.tp_group = (
-            pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
-        )
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
         heads = config.num_attention_heads
-        if heads % tp_size:
-            raise ValueError(f"num_attention_heads {heads} is not divisible by the tensor-parallel size {tp_size}")
+        if heads % (tp_size * cp_size):
+            raise ValueError(
+                f"num_attention_heads {heads} is not divisible by tensor x context parallel {tp_size} x {cp_size}"
+            )
         self.head_dim = config.kv_channels or config.hidden_size // heads
         self.width = heads * self.head_dim
         if self.width != config.hidden_size:
@@ -81,10 +89,12 @@ class TokenMixer(MegatronModule):
                 f"TNL needs heads * kv_channels == hidden_size; got {heads} * {self.head_dim} != {config.hidden_size}"
             )
         self.heads_local = heads // tp_size
+        self.heads_attn = self.heads_local // cp_size  # heads this rank attends over, after the CP all-to-all
         self.layer_index = layer_number - 1
         first_head = tp_rank * self.heads_local
+        first_attn_head = first_head + cp_rank * self.heads_attn
         self.slopes = layer_slopes(heads, self.layer_index, config.num_layers)[
-            first_head : first_head + self.heads_local
+            first_attn_head : first_attn_head + self.heads_attn
         ]
         self._slope_tensor: torch.Tensor | None = None
         self.eps = config.layernorm_epsilon
@@ -147,22 +157,28 @@ class TokenMixer(MegatronModule):
         """
         if inference_context is not None:
             raise NotImplementedError("Megatron inference is not supported; generate with megatron_tnllm.hf")
-        qkvu, _ = self.qkvu_proj(hidden_states)  # [s, b, 4 * D / tp]
-        s, b, _ = qkvu.shape
-        q, k, v, u = qkvu.view(s, b, 4, self.heads_local, self.head_dim).unbind(2)  # views [s, b, h, d]
-        q, k = F.silu(q), F.silu(k)
+        qkvu, _ = self.qkvu_proj(hidden_states)  # [s, b, 4 * D / tp] (s: this CP rank's tokens)
+        b = qkvu.shape[1]
+        local = self.heads_local * self.head_dim
         cu_seqlens = None
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            if self.cp_group.size() > 1:
+                raise NotImplementedError("packed (THD) sequences with context parallelism are not supported")
             cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.int64)
+        qkv = tensor_a2a_cp2hp(qkvu[..., : 3 * local], 0, -1, self.cp_group, split_sections=[local] * 3)
+        seq = qkv.shape[0]  # the whole sequence under CP
+        q, k, v = qkv.view(seq, b, 3, self.heads_attn, self.head_dim).unbind(2)  # views [seq, b, h, d]
+        q, k = F.silu(q), F.silu(k)
         if self.use_lrpe:
-            positions = self._positions(s, cu_seqlens, q.device)[:, None]  # [s, 1]
-            q = apply_lrpe(q, self.lrpe_theta, positions)
-            k = apply_lrpe(k, self.lrpe_theta, positions)
+            positions = self._positions(seq, cu_seqlens, q.device)[:, None]  # [seq, 1]
+            theta = self.lrpe_theta[self.cp_group.rank() * self.heads_attn :][: self.heads_attn]
+            q = apply_lrpe(q, theta, positions)
+            k = apply_lrpe(k, theta, positions)
         o, _ = lightning_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self._slope(q.device), cu_seqlens=cu_seqlens
-        )  # [b, s, h, d]
-        o = o.transpose(0, 1).reshape(s, b, self.heads_local * self.head_dim)
-        u = u.reshape(s, b, -1)
+        )  # [b, seq, h, d]
+        o = tensor_a2a_hp2cp(o.transpose(0, 1).reshape(seq, b, -1), 0, -1, self.cp_group)  # [s, b, D / tp]
+        u = qkvu[..., 3 * local :]
         if self.tp_group.size() == 1:
             o = srmsnorm_gate(o, u, self.eps)
         else:  # the norm spans all heads, i.e. all TP ranks
