@@ -27,7 +27,8 @@ CKPT_DIR=${CKPT_DIR:-runs/$PRESET}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --dp "$DP" --mbs "$MBS" --gbs "$GBS" --seq "$SEQ" --recompute "$RECOMPUTE"
-      --vocab-size "$("$PYTHON" -c "import sentencepiece as s, math; n = s.SentencePieceProcessor(model_file='$TOKENIZER_MODEL').vocab_size(); m = 128 * $TP; print(math.ceil(n / m) * m)")")
+      --vocab-size "$("$PYTHON" -c "import sentencepiece as s; from megatron_tnllm.convert.layout import padded_vocab_size as p
+print(p(s.SentencePieceProcessor(model_file='$TOKENIZER_MODEL').vocab_size(), 128, $TP))")")
 (( SP )) && plan+=(--sp)
 (( DISTOPT )) || plan+=(--no-distributed-optimizer)
 "$PYTHON" "$here/../tools/plan_memory.py" "${plan[@]}"
