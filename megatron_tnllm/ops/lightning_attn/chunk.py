@@ -80,6 +80,38 @@ CONFIG = KernelConfig()
 # --------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _seq_start(x, cu_seqlens, i_n, i_h, s_b, s_t, s_h, VARLEN: tl.constexpr):
+    """x advanced to head i_h of sequence i_n's first token (packed sequences are rows of batch 0)."""
+    if VARLEN:
+        x += tl.load(cu_seqlens + i_n).to(tl.int64) * s_t
+    else:
+        x += i_n.to(tl.int64) * s_b
+    return x + i_h.to(tl.int64) * s_h
+
+
+@triton.jit
+def _seq_len(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
+    if VARLEN:
+        return (tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)).to(tl.int32)
+    else:
+        return T
+
+
+@triton.jit
+def _load_chunk(x, t_hi, t0, s_t, s_d, col0, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
+    """x[t0 : t0 + BT, col0 : col0 + BW], zero beyond token t_hi and column W. A block pointer keeps the
+    addressing scalar (per-element 64-bit pointer tensors were what pushed the sweeps past 255 registers)."""
+    p = tl.make_block_ptr(x, (t_hi, W), (s_t, s_d), (t0, col0), (BT, BW), (1, 0))
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
+
+
+@triton.jit
+def _store_chunk(x, val, t_hi, t0, s_t, s_d, col0, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
+    p = tl.make_block_ptr(x, (t_hi, W), (s_t, s_d), (t0, col0), (BT, BW), (1, 0))
+    tl.store(p, val.to(x.dtype.element_ty), boundary_check=(0, 1))
+
+
 @triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
 def _fwd_sweep_kernel(
     q, k, v, o, g2, s_in, s_out, cu_seqlens,
@@ -96,23 +128,11 @@ def _fwd_sweep_kernel(
     """Grid (V tiles, segments, N*H). q, k [.., K]; v, o [.., V]; s_in [N, H, n_seg, K, V]; s_out [N, H, K, V]."""
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        q += bos * s_qt
-        k += bos * s_kt
-        v += bos * s_vt
-        o += bos * s_ot
-    else:
-        seq_len = T
-        q += i_n.to(tl.int64) * s_qb
-        k += i_n.to(tl.int64) * s_kb
-        v += i_n.to(tl.int64) * s_vb
-        o += i_n.to(tl.int64) * s_ob
-    q += i_h * s_qh
-    k += i_h * s_kh
-    v += i_h * s_vh
-    o += i_h * s_oh
+    seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
+    q = _seq_start(q, cu_seqlens, i_n, i_h, s_qb, s_qt, s_qh, VARLEN)
+    k = _seq_start(k, cu_seqlens, i_n, i_h, s_kb, s_kt, s_kh, VARLEN)
+    v = _seq_start(v, cu_seqlens, i_n, i_h, s_vb, s_vt, s_vh, VARLEN)
+    o = _seq_start(o, cu_seqlens, i_n, i_h, s_ob, s_ot, s_oh, VARLEN)
 
     t_lo = i_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, seq_len)
@@ -138,22 +158,16 @@ def _fwd_sweep_kernel(
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
     for m in range(0, n_chunks):
         t0 = t_lo + m * BT
-        m_t = (t0 + o_t) < t_hi
-        t64 = t0.to(tl.int64)
-        p_q = q + t64 * s_qt + o_t[:, None] * s_qt + o_k[None, :] * s_qd
-        p_k = k + t64 * s_kt + o_t[:, None] * s_kt + o_k[None, :] * s_kd
-        p_v = v + t64 * s_vt + o_t[:, None] * s_vt + o_v[None, :] * s_vd
-        b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_q = _load_chunk(q, t_hi, t0, s_qt, s_qd, 0, K, BT, BK)
+        b_k = _load_chunk(k, t_hi, t0, s_kt, s_kd, 0, K, BT, BK)
+        b_v = _load_chunk(v, t_hi, t0, s_vt, s_vd, i_v * BV, V, BT, BV)
 
         # intra-chunk: masked, decayed Q K^T, then times V
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * d_a
         b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
         # inter-chunk: the state entering this chunk
         b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=PREC) * d_q[:, None]
-        p_o = o + t64 * s_ot + o_t[:, None] * s_ot + o_v[None, :] * s_od
-        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        _store_chunk(o, b_o, t_hi, t0, s_ot, s_od, i_v * BV, V, BT, BV)
 
         # state update with the true chunk length n (the last chunk may be partial)
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
@@ -184,23 +198,11 @@ def _rev_sweep_kernel(
     the state at each segment's end; s_out [N, H, A, C] receives G before the first token (dh0)."""
     i_c, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
-        a += bos * s_at
-        b += bos * s_bt
-        c += bos * s_ct
-        y += bos * s_yt
-    else:
-        seq_len = T
-        a += i_n.to(tl.int64) * s_ab
-        b += i_n.to(tl.int64) * s_bb
-        c += i_n.to(tl.int64) * s_cb
-        y += i_n.to(tl.int64) * s_yb
-    a += i_h * s_ah
-    b += i_h * s_bh
-    c += i_h * s_ch
-    y += i_h * s_yh
+    seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
+    a = _seq_start(a, cu_seqlens, i_n, i_h, s_ab, s_at, s_ah, VARLEN)
+    b = _seq_start(b, cu_seqlens, i_n, i_h, s_bb, s_bt, s_bh, VARLEN)
+    c = _seq_start(c, cu_seqlens, i_n, i_h, s_cb, s_ct, s_ch, VARLEN)
+    y = _seq_start(y, cu_seqlens, i_n, i_h, s_yb, s_yt, s_yh, VARLEN)
 
     t_lo = i_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, seq_len)
@@ -226,14 +228,9 @@ def _rev_sweep_kernel(
 
     for m in range(0, n_chunks):
         t0 = t_lo + (n_chunks - 1 - m) * BT
-        m_t = (t0 + o_t) < t_hi
-        t64 = t0.to(tl.int64)
-        p_a = a + t64 * s_at + o_t[:, None] * s_at + o_a[None, :] * s_ad
-        p_b = b + t64 * s_bt + o_t[:, None] * s_bt + o_a[None, :] * s_bd
-        p_c = c + t64 * s_ct + o_t[:, None] * s_ct + o_c[None, :] * s_cd
-        b_a = tl.load(p_a, mask=m_t[:, None] & m_a[None, :], other=0.0)
-        b_b = tl.load(p_b, mask=m_t[:, None] & m_a[None, :], other=0.0)
-        b_c = tl.load(p_c, mask=m_t[:, None] & m_c[None, :], other=0.0)
+        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, A, BT, BA)
+        b_b = _load_chunk(b, t_hi, t0, s_bt, s_bd, 0, A, BT, BA)
+        b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
 
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
         d_y = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
@@ -242,8 +239,7 @@ def _rev_sweep_kernel(
         b_p = tl.dot(b_b, tl.trans(b_a), input_precision=PREC) * d_p
         b_y = tl.dot(b_p.to(b_c.dtype), b_c, input_precision=PREC)
         b_y += tl.dot(b_b, b_g.to(b_b.dtype), input_precision=PREC) * d_y[:, None]
-        p_y = y + t64 * s_yt + o_t[:, None] * s_yt + o_c[None, :] * s_yd
-        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        _store_chunk(y, b_y, t_hi, t0, s_yt, s_yd, i_c * BC, C, BT, BC)
 
         b_ad = (b_a * d_a[:, None]).to(b_a.dtype)
         b_g = b_g * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
@@ -272,8 +268,8 @@ def _seg_local_kernel(
     if REVERSE:
         i_s += 1
     i_n, i_h = i_nh // H, i_nh % H
-    a += i_n.to(tl.int64) * s_ab + i_h * s_ah
-    c += i_n.to(tl.int64) * s_cb + i_h * s_ch
+    a += i_n.to(tl.int64) * s_ab + i_h.to(tl.int64) * s_ah
+    c += i_n.to(tl.int64) * s_cb + i_h.to(tl.int64) * s_ch
     t_lo = i_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, T)
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
@@ -292,12 +288,8 @@ def _seg_local_kernel(
             t0 = t_lo + (n_chunks - 1 - m) * BT
         else:
             t0 = t_lo + m * BT
-        m_t = (t0 + o_t) < t_hi
-        t64 = t0.to(tl.int64)
-        b_a = tl.load(a + t64 * s_at + o_t[:, None] * s_at + o_a[None, :] * s_ad,
-                      mask=m_t[:, None] & m_a[None, :], other=0.0)  # fmt: skip
-        b_c = tl.load(c + t64 * s_ct + o_t[:, None] * s_ct + o_c[None, :] * s_cd,
-                      mask=m_t[:, None] & m_c[None, :], other=0.0)  # fmt: skip
+        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, A, BT, BA)
+        b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
         if REVERSE:
             d = tl.exp2(g * (o_f + 1.0))
