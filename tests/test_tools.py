@@ -1,4 +1,4 @@
-"""FLOP counting and the memory planner, checked against parameter counts."""
+"""FLOP counting and the memory planner, checked against parameter counts; the Megatron log reader."""
 
 import sys
 from pathlib import Path
@@ -44,3 +44,32 @@ def test_planner_counts_every_parameter_once():
     assert tp2["activations"] == pytest.approx(one["activations"] / 2)
     with pytest.raises(ValueError, match="do not split"):
         plan(p, Layout(pp=4))
+
+
+def test_megatron_log_undoes_the_first_interval_average(tmp_path):
+    """Megatron averages a process's first iteration into its second log line; the parser recovers the
+    second iteration's own loss and time (figures from a real resumed run: 3.420707 logged, 3.456290 true)."""
+    from megatron_log import compare, parse
+
+    def line(i, ms, loss):
+        return (
+            f" [2026-11-29] iteration {i:8d}/     200 | consumed samples: 8 | elapsed time per iteration (ms): "
+            f"{ms} | throughput per GPU (TFLOP/s/GPU): 100.0 | learning rate: 1E-4 | global batch size:     8 | "
+            f"lm loss: {loss:.6E} | loss scale: 1.0 |"
+        )
+
+    full = tmp_path / "full.log"
+    full.write_text(
+        "\n".join([line(1, 900.0, 17.0), line(2, 600.0, 16.5), line(101, 300.0, 3.385124), line(102, 300.0, 3.456290)])
+    )
+    resumed = tmp_path / "resumed.log"
+    resumed.write_text("\n".join([line(101, 1200.0, 3.385124), line(102, 750.0, 3.420707), line(103, 300.0, 3.390187)]))
+    its = parse(resumed)["iterations"]
+    assert its[102]["loss"] == pytest.approx(3.456290, abs=2e-6)
+    assert its[102]["ms"] == pytest.approx(300.0)
+    assert its[102]["tflops"] == pytest.approx(250.0)
+    assert its[103]["loss"] == 3.390187
+    full_its = parse(full)["iterations"]
+    assert full_its[2]["loss"] == pytest.approx(16.0) and full_its[2]["ms"] == pytest.approx(300.0)
+    assert full_its[102]["loss"] == 3.456290
+    assert compare(full, [resumed], 102, 102, tol=1e-6)

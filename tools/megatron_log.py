@@ -24,16 +24,38 @@ BATCH = re.compile(r"global batch size:\s+(\d+)")
 MEMORY = re.compile(r"max allocated: ([\d.]+)")
 
 
+def _undo_first_interval_average(first: dict, second: dict, n: int) -> None:
+    """Megatron-LM (core_v0.19.0 training_log) logs a process's first iteration without resetting its
+    accumulators, so the next log line averages that iteration with the ``n`` iterations of its own interval.
+    Recover the interval's own mean loss and time (and the TFLOP/s that goes with that time)."""
+    if "loss" in first and "loss" in second:
+        second["loss"] = ((n + 1) * second["loss"] - first["loss"]) / n
+    ms = ((n + 1) * second["ms"] - first["ms"]) / n
+    if "tflops" in second and ms > 0:
+        second["tflops"] *= second["ms"] / ms
+    second["ms"] = ms
+
+
 def parse(path: Path) -> dict:
-    """{"iterations": {i: {"loss", "ms", "tflops", "batch"}}, "max_allocated_mb": float | None}."""
+    """{"iterations": {i: {"loss", "ms", "tflops", "batch"}}, "max_allocated_mb": float | None}.
+
+    Values are per log interval, with the second line after each (re)start corrected for Megatron's carried
+    first-iteration accumulators (see ``_undo_first_interval_average``); a restart is a line whose iteration
+    does not exceed the previous one, or the first line of the file."""
     iterations, peak = {}, None
+    start = previous = None
     for line in path.read_text(errors="replace").splitlines():
         if m := ITERATION.search(line):
-            entry = {"ms": float(m.group(2))}
+            i, entry = int(m.group(1)), {"ms": float(m.group(2))}
             for key, pattern, cast in (("loss", LOSS, float), ("tflops", TFLOPS, float), ("batch", BATCH, int)):
                 if found := pattern.search(line):
                     entry[key] = cast(found.group(1))
-            iterations[int(m.group(1))] = entry
+            if previous is None or i <= previous:
+                start = i
+            elif previous == start:
+                _undo_first_interval_average(iterations[start], entry, i - start)
+            iterations[i] = entry
+            previous = i
         elif m := MEMORY.search(line):
             peak = max(peak or 0.0, float(m.group(1)))
     return {"iterations": iterations, "max_allocated_mb": peak}
