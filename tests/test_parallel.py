@@ -98,13 +98,15 @@ def test_tensor_parallel_matches_tp1(reference, sequence_parallel):
     run_distributed(_tp_worker, 2, reference, sequence_parallel)
 
 
-def _pp_worker(rank, world, reference):
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
-    model = tiny()
+def _pp_worker(rank, world, reference, tp):
+    """PP=2 by hand (one micro-batch: forward on stage 0, send, loss on stage 1, gradient back); with tp = 2
+    also TP=2 + SP inside each stage (4 ranks), the layout family of the 7B+ launchers."""
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2)
+    model = tiny(sequence_parallel=tp > 1)
     assert len(model.decoder.layers) == PRESET.num_layers // 2
     load_checkpoint(model, reference / "weights")
     batch = fixed_batch(PRESET.vocab_size)
-    shape = (SEQ, BATCH, PRESET.hidden_size)
+    shape = (SEQ // tp, BATCH, PRESET.hidden_size)  # sequence-parallel activations cross stages split
     if parallel_state.is_pipeline_first_stage():
         hidden = model(batch[0], batch[1], None)
         dist.send(hidden.detach().contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
@@ -120,18 +122,21 @@ def _pp_worker(rank, world, reference):
         loss.backward()
         dist.send(hidden.grad, parallel_state.get_pipeline_model_parallel_prev_rank())
     all_reduce_tied_embedding_grads(model)
-    worst, count = _compare_grads(model, reference, "PP=2")
+    layout = "PP=2" if tp == 1 else f"TP={tp} + SP x PP=2"
+    worst, count = _compare_grads(model, reference, layout, sequence_parallel=tp > 1)
     if not parallel_state.is_pipeline_first_stage():
         ref_loss = json.loads((reference / "loss.json").read_text())
-        assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss), f"PP=2 loss {loss.item()} vs TP=1 {ref_loss}"
-        print(
-            f"\nPP=2 (manual stage split): loss {loss.item():.6f} (TP=1 {ref_loss:.6f}); "
-            f"max gradient rel err on the last stage {worst:.1e} over {count} tensors"
-        )
+        assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss), f"{layout} loss {loss.item()} vs TP=1 {ref_loss}"
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            print(
+                f"\n{layout} (manual stage split): loss {loss.item():.6f} (TP=1 {ref_loss:.6f}); "
+                f"max gradient rel err on the last stage {worst:.1e} over {count} tensors"
+            )
 
 
-def test_pipeline_parallel_matches_tp1(reference):
-    run_distributed(_pp_worker, 2, reference)
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2_sp_pp2"])
+def test_pipeline_parallel_matches_tp1(reference, tp):
+    run_distributed(_pp_worker, 2 * tp, reference, tp)
 
 
 def _cp_worker(rank, world, reference, tp):
