@@ -5,8 +5,9 @@
 #           DATA_PREFIX      indexed dataset prefix (examples/prepare_data.sh writes OUT/text_text_document)
 #           TOKENIZER_MODEL  SentencePiece model (examples/prepare_data.sh writes OUT/tokenizer.model)
 # Optional: CKPT_DIR (default runs/$PRESET), TRAIN_ITERS, LR, SAVE_INTERVAL, LOG_INTERVAL, GPUS_PER_NODE,
-#           PYTHON; any of the layout variables (TP PP SP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
-#           launcher's choice; extra pretrain_gpt.py arguments after the script name.
+#           PYTHON; any of the layout variables (TP PP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
+#           launcher's choice (CP, context parallelism, defaults to 1); extra pretrain_gpt.py arguments after the
+#           script name.
 # The launcher sets PRESET, TP, PP, SP (0/1), MBS, GBS, SEQ, RECOMPUTE (none/full), DISTOPT (0/1), NNODES.
 
 set -euo pipefail
@@ -21,12 +22,13 @@ PYTHON=${PYTHON:-python3}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${SLURM_NNODES:-${NNODES:-1}}
 WORLD=$((GPUS_PER_NODE * NNODES))
-DP=$((WORLD / (TP * PP)))
-(( DP * TP * PP == WORLD )) || { echo "$WORLD GPUs do not split into TP=$TP x PP=$PP" >&2; exit 1; }
+CP=${CP:-1}
+DP=$((WORLD / (TP * PP * CP)))
+(( DP * TP * PP * CP == WORLD )) || { echo "$WORLD GPUs do not split into TP=$TP x PP=$PP x CP=$CP" >&2; exit 1; }
 CKPT_DIR=${CKPT_DIR:-runs/$PRESET}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --dp "$DP" --mbs "$MBS" --gbs "$GBS" --seq "$SEQ" --recompute "$RECOMPUTE"
+plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --dp "$DP" --cp "$CP" --mbs "$MBS" --gbs "$GBS" --seq "$SEQ" --recompute "$RECOMPUTE"
       --vocab-size "$("$PYTHON" -c "import sentencepiece as s; from megatron_tnllm.convert.layout import padded_vocab_size as p
 print(p(s.SentencePieceProcessor(model_file='$TOKENIZER_MODEL').vocab_size(), 128, $TP))")")
 (( SP )) && plan+=(--sp)
@@ -37,7 +39,7 @@ read -r -a model_args <<< "$("$PYTHON" -c "from megatron_tnllm.configs import ge
 args=(
     "${model_args[@]}"
     --seq-length "$SEQ" --max-position-embeddings "$SEQ"
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP"
     --micro-batch-size "$MBS" --global-batch-size "$GBS"
     --bf16 --no-gradient-accumulation-fusion
     --lr "${LR:-3e-4}" --min-lr "$(${PYTHON} -c "print(${LR:-3e-4} / 10)")" --lr-decay-style cosine

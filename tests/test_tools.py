@@ -46,6 +46,20 @@ def test_planner_counts_every_parameter_once():
         plan(p, Layout(pp=4))
 
 
+def test_planner_context_parallelism_splits_tokens_and_optimizer():
+    p = get_preset("tnl-1b")
+    one = plan(p, Layout(dp=2, seq=65536))
+    cp4 = plan(p, Layout(dp=2, cp=4, seq=65536))
+    assert cp4["activations"] == pytest.approx(one["activations"] / 4)
+    assert cp4["logits"] == pytest.approx(one["logits"] / 4)
+    assert cp4["optimizer"] == pytest.approx(one["optimizer"] / 4)  # sharded over DP x CP = 8, not DP = 2
+    assert cp4["weights (bf16)"] == one["weights (bf16)"]
+    with pytest.raises(ValueError, match="heads do not split"):
+        plan(p, Layout(tp=8, cp=4))
+    with pytest.raises(ValueError, match="zig-zag"):
+        plan(p, Layout(cp=4, seq=4100))
+
+
 def test_megatron_log_undoes_the_first_interval_average(tmp_path):
     """Megatron averages a process's first iteration into its second log line; the parser recovers the
     second iteration's own loss and time (figures from a real resumed run: 3.420707 logged, 3.456290 true)."""

@@ -6,12 +6,15 @@ The model is the worst pipeline stage (the first: embedding plus the most micro-
 under 1F1B) of one GPU:
 
 * weights bf16 (2 B/param) and Megatron's fp32 gradient buffer (4 B/param);
-* Adam state: fp32 master weights, m and v (12 B/param), divided by DP with the distributed optimizer;
+* Adam state: fp32 master weights, m and v (12 B/param), divided by DP x CP with the distributed optimizer
+  (Megatron shards it over the data-parallel group with the context-parallel ranks);
 * activations saved for backward, bytes per token per layer (bf16, TNL layer as implemented here):
   token mixer ~26 D (input norm, fused qkvu output kept by SiLU, SiLU outputs, attention output,
   fp32 norm statistics, gate product, out-proj input; +8 D on an LRPE layer, whose q, k double),
   SGLU ~4 D + 6 G (norm, fc1 input, [l1; l2] output, product); divided by TP under sequence
-  parallelism; with full recompute only each layer's input (2 D) is kept, plus one layer's full set;
+  parallelism and by CP (each context-parallel rank holds seq / CP tokens; inside the attention it holds
+  all tokens of heads / CP heads, the same bytes); with full recompute only each layer's input (2 D) is
+  kept, plus one layer's full set;
 * the last stage's logits and their fp32 cross-entropy gradient (~10 B per logit);
 * a fixed 4 GiB for the CUDA context, NCCL buffers and allocator slack.
 """
@@ -36,6 +39,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    cp: int = 1
     sp: bool = False
     mbs: int = 1
     seq: int = 2048
@@ -53,14 +57,16 @@ def plan(cfg: TNLConfig, lay: Layout) -> dict[str, float]:
     """Bytes per GPU on the first pipeline stage (and the last stage's logits if PP = 1)."""
     if cfg.num_layers % lay.pp:
         raise ValueError(f"{cfg.name}: {cfg.num_layers} layers do not split into {lay.pp} pipeline stages")
-    if cfg.num_heads % lay.tp:
-        raise ValueError(f"{cfg.name}: {cfg.num_heads} heads do not split over TP={lay.tp}")
+    if cfg.num_heads % (lay.tp * lay.cp):
+        raise ValueError(f"{cfg.name}: {cfg.num_heads} heads do not split over TP={lay.tp} x CP={lay.cp}")
+    if lay.seq % (2 * lay.cp):
+        raise ValueError(f"sequence {lay.seq} does not split into 2 x CP={lay.cp} chunks (Megatron's zig-zag)")
     layers = cfg.num_layers // lay.pp
     D = cfg.hidden_size
     layer_params = 5 * D * D + 3 * D * cfg.glu_size
     params = (layers * layer_params + D * len(cfg.lrpe_layers) + cfg.vocab_size * D) / lay.tp
-    optimizer_bytes = 12 / (lay.dp if lay.distributed_optimizer else 1)
-    tokens = lay.mbs * lay.seq
+    optimizer_bytes = 12 / (lay.dp * lay.cp if lay.distributed_optimizer else 1)
+    tokens = lay.mbs * lay.seq // lay.cp
     in_flight = min(lay.pp, lay.num_microbatches)
     act_split = lay.tp if lay.sp else 1
     full_layer = activation_bytes_per_token_layer(cfg, lrpe=True) * tokens / act_split
@@ -91,6 +97,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context parallelism")
     p.add_argument("--sp", action="store_true", help="sequence parallelism")
     p.add_argument("--mbs", type=int, default=1, help="micro-batch size")
     p.add_argument("--gbs", type=int, help="global batch size (sets the micro-batches per step)")
@@ -105,12 +112,12 @@ def main() -> None:
     if gbs % (args.mbs * args.dp):
         p.error(f"--gbs {gbs} is not a multiple of mbs x dp = {args.mbs * args.dp}")
     lay = Layout(
-        args.tp, args.pp, args.dp, args.sp, args.mbs, args.seq, gbs // (args.mbs * args.dp),
+        args.tp, args.pp, args.dp, args.cp, args.sp, args.mbs, args.seq, gbs // (args.mbs * args.dp),
         args.recompute, not args.no_distributed_optimizer,
     )  # fmt: skip
     parts = plan(cfg, lay)
     print(
-        f"{cfg.name}: TP={lay.tp} PP={lay.pp} DP={lay.dp}{' SP' if lay.sp else ''} mbs={lay.mbs} seq={lay.seq} "
+        f"{cfg.name}: TP={lay.tp} PP={lay.pp} DP={lay.dp} CP={lay.cp}{' SP' if lay.sp else ''} mbs={lay.mbs} seq={lay.seq} "
         f"recompute={lay.recompute} distributed-optimizer={lay.distributed_optimizer}"
     )
     for name, value in parts.items():

@@ -1,0 +1,80 @@
+"""The examples/ launchers build the pretrain_gpt.py command of their layout (run through torchrun against a
+stand-in pretrain_gpt.py that records its arguments), and refuse layouts that do not divide the GPUs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hf_helpers import train_sentencepiece
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDER = """import json, os, sys
+out = os.environ["LAUNCH_RECORD"] + f".{os.environ['LOCAL_RANK']}.json"
+json.dump({"argv": sys.argv[1:], "world": os.environ["WORLD_SIZE"]}, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def launch_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    megatron = root / "Megatron-LM"
+    megatron.mkdir()
+    (megatron / "pretrain_gpt.py").write_text(RECORDER)
+    for suffix in (".bin", ".idx"):
+        (root / f"text_text_document{suffix}").write_bytes(b"")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "MEGATRON_LM": str(megatron),
+        "DATA_PREFIX": str(root / "text_text_document"),
+        "TOKENIZER_MODEL": str(train_sentencepiece(root / "spm", vocab_size=1000)),
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(port),
+        "LAUNCH_RECORD": str(root / "record"),
+        "CKPT_DIR": str(root / "ckpt"),
+    }
+    return root, env
+
+
+def _launch(env, script, **layout):
+    run_env = {**env, **{k: str(v) for k, v in layout.items()}}
+    return subprocess.run(["bash", str(ROOT / "examples" / script)], env=run_env, capture_output=True, text=True)
+
+
+def test_7b_launcher_with_context_parallelism(launch_env):
+    root, env = launch_env
+    done = _launch(env, "pretrain_tnl_7b.sh", CP=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tnl-7b: TP=2 PP=1 DP=2 CP=2 SP mbs=1 seq=4096" in done.stdout  # the planner's view of the layout
+    records = sorted(root.glob("record.*.json"))
+    assert len(records) == 8  # GPUS_PER_NODE defaults to 8
+    rec = json.loads(records[0].read_text())
+    argv = rec["argv"]
+    assert rec["world"] == "8"
+
+    def value(flag):
+        return argv[argv.index(flag) + 1]
+
+    assert value("--spec") == "megatron_tnllm.specs" and argv[argv.index("--spec") + 2] == "tnl_7b"
+    assert (value("--tensor-model-parallel-size"), value("--pipeline-model-parallel-size")) == ("2", "1")
+    assert value("--context-parallel-size") == "2"
+    assert (value("--micro-batch-size"), value("--global-batch-size"), value("--seq-length")) == ("1", "512", "4096")
+    assert {"--sequence-parallel", "--use-distributed-optimizer", "--bf16"} <= set(argv)
+    assert value("--tokenizer-model") == env["TOKENIZER_MODEL"]
+
+
+def test_launcher_refuses_a_layout_that_does_not_divide_the_gpus(launch_env):
+    root, env = launch_env
+    for old in root.glob("record.*.json"):
+        old.unlink()
+    done = _launch(env, "pretrain_tnl_7b.sh", CP=3)
+    assert done.returncode != 0
+    assert "8 GPUs do not split into TP=2 x PP=1 x CP=3" in done.stderr
+    assert not list(root.glob("record.*.json"))  # nothing was launched
