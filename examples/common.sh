@@ -2,7 +2,8 @@
 # pretrain_gpt.py command (tag core_v0.19.0) and runs it with torchrun, on one node or under SLURM.
 #
 # Needs:    MEGATRON_LM      a Megatron-LM checkout at core_v0.19.0
-#           DATA_PREFIX      indexed dataset prefix (examples/prepare_data.sh writes OUT/text_text_document)
+#           DATA_PREFIX      indexed dataset prefix (examples/prepare_data.sh writes OUT/text_text_document),
+#                            unless MOCK_DATA=1 (Megatron's random tokens, for throughput runs)
 #           TOKENIZER_MODEL  SentencePiece model (examples/prepare_data.sh writes OUT/tokenizer.model)
 # Optional: CKPT_DIR (default runs/$PRESET), TRAIN_ITERS, LR, SAVE_INTERVAL, LOG_INTERVAL, GPUS_PER_NODE,
 #           PYTHON; any of the layout variables (TP PP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
@@ -12,10 +13,15 @@
 
 set -euo pipefail
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at tag core_v0.19.0}"
-: "${DATA_PREFIX:?set DATA_PREFIX to an indexed dataset prefix (see examples/prepare_data.sh)}"
+if (( ${MOCK_DATA:-0} )); then
+    data=(--mock-data)
+else
+    : "${DATA_PREFIX:?set DATA_PREFIX to an indexed dataset prefix (see examples/prepare_data.sh), or MOCK_DATA=1}"
+    [[ -f $DATA_PREFIX.bin && -f $DATA_PREFIX.idx ]] || { echo "no $DATA_PREFIX.bin/.idx (DATA_PREFIX)" >&2; exit 1; }
+    data=(--data-path "$DATA_PREFIX" --split 99,1,0)
+fi
 : "${TOKENIZER_MODEL:?set TOKENIZER_MODEL to a SentencePiece model file}"
 [[ -f $MEGATRON_LM/pretrain_gpt.py ]] || { echo "no pretrain_gpt.py in MEGATRON_LM=$MEGATRON_LM" >&2; exit 1; }
-[[ -f $DATA_PREFIX.bin && -f $DATA_PREFIX.idx ]] || { echo "no $DATA_PREFIX.bin/.idx (DATA_PREFIX)" >&2; exit 1; }
 [[ -f $TOKENIZER_MODEL ]] || { echo "TOKENIZER_MODEL=$TOKENIZER_MODEL not found" >&2; exit 1; }
 
 PYTHON=${PYTHON:-python3}
@@ -45,7 +51,7 @@ args=(
     --lr "${LR:-3e-4}" --min-lr "$(${PYTHON} -c "print(${LR:-3e-4} / 10)")" --lr-decay-style cosine
     --lr-warmup-fraction 0.01 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
     --train-iters "${TRAIN_ITERS:-100000}"
-    --data-path "$DATA_PREFIX" --split 99,1,0
+    "${data[@]}"
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
     --save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval "${SAVE_INTERVAL:-1000}" --ckpt-format torch_dist
     --log-interval "${LOG_INTERVAL:-10}" --log-throughput --eval-interval 1000 --eval-iters 10

@@ -18,24 +18,18 @@ out=${1:?usage: $0 OUT_DIR convergence|layouts|reshard}
 step=${2:?usage: $0 OUT_DIR convergence|layouts|reshard}
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 MBS=4 GBS=8 SEQ=2048 TRAIN_ITERS=200 LR=3e-4
-export DATA_PREFIX=${DATA_DIR:-/tmp/tnl_data}/text_text_document TOKENIZER_MODEL=${DATA_DIR:-/tmp/tnl_data}/tokenizer.model
 work=${WORK_DIR:-/tmp/tnl_runs}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$out" "$work"
-[[ -f $DATA_PREFIX.bin ]] || bash "$here/examples/prepare_data.sh" "$MEGATRON_LM" "$(dirname "$DATA_PREFIX")" > "$out/prepare_data.log" 2>&1
+source "$here/tools/layout_runs.sh"
+ensure_data
 compare=("$PYTHON" "$here/tools/megatron_log.py" --compare)
 # layouts sum in other orders: allow one bf16 rounding (2^-8) of relative loss difference
 BF16_TOL=3.9e-3
-run() {  # run NAME GPUS [VAR=VALUE ...] -- [pretrain_gpt.py args]
+run() {  # run NAME GPUS [VAR=VALUE ...] -- [pretrain_gpt.py args]: tnl-385m, seeded and deterministic
     local name=$1 gpus=$2
     shift 2
-    local vars=()
-    while [[ $1 != -- ]]; do vars+=("$1"); shift; done
-    shift
-    echo "== $name: ${vars[*]} $*"
-    env GPUS_PER_NODE="$gpus" CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" CKPT_DIR="$work/$name" "${vars[@]}" \
-        bash "$here/examples/pretrain_tnl_385m.sh" --seed 1234 --deterministic-mode "$@" > "$out/$name.log" 2>&1
-    echo "   exit $? $("$PYTHON" "$here/tools/megatron_log.py" "$out/$name.log")"
+    layout_run "$name" "$gpus" pretrain_tnl_385m.sh "$@" --seed 1234 --deterministic-mode
 }
 
 case $step in
