@@ -122,10 +122,10 @@ def _fwd_sweep_kernel(
     s_ob, s_ot, s_oh, s_od,
     si_n, si_h, si_s, si_r, si_c,
     so_n, so_h, so_r, so_c,
-    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (V tiles, segments, N*H). q, k [.., K]; v, o [.., V]; s_in [N, H, n_seg, K, V]; s_out [N, H, K, V]."""
+    """Grid (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C]; s_out [N, H, R, C]."""
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
@@ -138,10 +138,10 @@ def _fwd_sweep_kernel(
     t_hi = tl.minimum(t_lo + seg_len, seq_len)
 
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
+    o_k = tl.arange(0, BR)
+    o_v = i_v * BC + tl.arange(0, BC)
+    m_k = o_k < R
+    m_v = o_v < C
 
     # decays as exp2(g * count), count >= 0 only
     g = tl.load(g2 + i_h).to(tl.float32)
@@ -150,7 +150,7 @@ def _fwd_sweep_kernel(
     dif = o_f[:, None] - o_f[None, :]
     d_a = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), 0.0)
 
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    b_s = tl.zeros([BR, BC], dtype=tl.float32)
     if HAS_S_IN:
         p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
         b_s += tl.load(p_s + o_k[:, None] * si_r + o_v[None, :] * si_c, mask=m_k[:, None] & m_v[None, :], other=0.0)
@@ -158,16 +158,16 @@ def _fwd_sweep_kernel(
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
     for m in range(0, n_chunks):
         t0 = t_lo + m * BT
-        b_q = _load_chunk(q, t_hi, t0, s_qt, s_qd, 0, K, BT, BK)
-        b_k = _load_chunk(k, t_hi, t0, s_kt, s_kd, 0, K, BT, BK)
-        b_v = _load_chunk(v, t_hi, t0, s_vt, s_vd, i_v * BV, V, BT, BV)
+        b_q = _load_chunk(q, t_hi, t0, s_qt, s_qd, 0, R, BT, BR)
+        b_k = _load_chunk(k, t_hi, t0, s_kt, s_kd, 0, R, BT, BR)
+        b_v = _load_chunk(v, t_hi, t0, s_vt, s_vd, i_v * BC, C, BT, BC)
 
         # intra-chunk: masked, decayed Q K^T, then times V
         b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * d_a
         b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
         # inter-chunk: the state entering this chunk
         b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=PREC) * d_q[:, None]
-        _store_chunk(o, b_o, t_hi, t0, s_ot, s_od, i_v * BV, V, BT, BV)
+        _store_chunk(o, b_o, t_hi, t0, s_ot, s_od, i_v * BC, C, BT, BC)
 
         # state update with the true chunk length n (the last chunk may be partial)
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
@@ -191,11 +191,11 @@ def _rev_sweep_kernel(
     s_yb, s_yt, s_yh, s_yd,
     si_n, si_h, si_s, si_r, si_c,
     so_n, so_h, so_r, so_c,
-    A: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (C tiles, segments, N*H). a, b [.., A]; c, y [.., C]; G: s_in [N, H, n_seg, A, C] is the gradient of
-    the state at each segment's end; s_out [N, H, A, C] receives G before the first token (dh0)."""
+    """Grid (C tiles, segments, N*H). a, b [.., R]; c, y [.., C]; G: s_in [N, H, n_seg, R, C] is the gradient of
+    the state at each segment's end; s_out [N, H, R, C] receives G before the first token (dh0)."""
     i_c, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
@@ -209,9 +209,9 @@ def _rev_sweep_kernel(
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
 
     o_t = tl.arange(0, BT)
-    o_a = tl.arange(0, BA)
+    o_a = tl.arange(0, BR)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_a = o_a < A
+    m_a = o_a < R
     m_c = o_c < C
 
     g = tl.load(g2 + i_h).to(tl.float32)
@@ -221,15 +221,15 @@ def _rev_sweep_kernel(
     dif = o_f[None, :] - o_f[:, None]
     d_p = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), 0.0)
 
-    b_g = tl.zeros([BA, BC], dtype=tl.float32)
+    b_g = tl.zeros([BR, BC], dtype=tl.float32)
     if HAS_S_IN:
         p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
         b_g += tl.load(p_s + o_a[:, None] * si_r + o_c[None, :] * si_c, mask=m_a[:, None] & m_c[None, :], other=0.0)
 
     for m in range(0, n_chunks):
         t0 = t_lo + (n_chunks - 1 - m) * BT
-        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, A, BT, BA)
-        b_b = _load_chunk(b, t_hi, t0, s_bt, s_bd, 0, A, BT, BA)
+        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
+        b_b = _load_chunk(b, t_hi, t0, s_bt, s_bd, 0, R, BT, BR)
         b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
 
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
@@ -256,10 +256,10 @@ def _seg_local_kernel(
     T, H, seg_len, n_seg,
     s_ab, s_at, s_ah, s_ad,
     s_cb, s_ct, s_ch, s_cd,
-    A: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One segment's own state contribution, w [B, H, n_seg, A, C] fp32 (contiguous). Grid (C tiles, n_seg - 1, B*H).
+    """One segment's own state contribution, w [B, H, n_seg, R, C] fp32 (contiguous). Grid (C tiles, n_seg - 1, B*H).
 
     forward (a = K, c = V, segments 0..n_seg-2): W_s = sum_j lambda^(end-1-j) a_j^T c_j  (decayed to the segment end)
     reverse (a = Q, c = dO, segments 1..n_seg-1): W_s = sum_i lambda^(i-start+1) a_i^T c_i  (to before its start)
@@ -275,20 +275,20 @@ def _seg_local_kernel(
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
 
     o_t = tl.arange(0, BT)
-    o_a = tl.arange(0, BA)
+    o_a = tl.arange(0, BR)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_a = o_a < A
+    m_a = o_a < R
     m_c = o_c < C
     g = tl.load(g2 + i_h).to(tl.float32)
     o_f = o_t.to(tl.float32)
 
-    b_w = tl.zeros([BA, BC], dtype=tl.float32)
+    b_w = tl.zeros([BR, BC], dtype=tl.float32)
     for m in range(0, n_chunks):
         if REVERSE:
             t0 = t_lo + (n_chunks - 1 - m) * BT
         else:
             t0 = t_lo + m * BT
-        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, A, BT, BA)
+        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
         b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
         n = tl.minimum(t_hi - t0, BT).to(tl.float32)
         if REVERSE:
@@ -298,7 +298,7 @@ def _seg_local_kernel(
         b_ad = (b_a * d[:, None]).to(b_a.dtype)
         b_w = b_w * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
 
-    p_w = w + (i_nh.to(tl.int64) * n_seg + i_s) * (A * C)
+    p_w = w + (i_nh.to(tl.int64) * n_seg + i_s) * (R * C)
     tl.store(p_w + o_a[:, None] * C + o_c[None, :], b_w, mask=m_a[:, None] & m_c[None, :])
 
 
@@ -446,36 +446,15 @@ def _state_strides(s: torch.Tensor | None, transpose: bool = False, per_seg: boo
     return (n, h, sg, r, c)
 
 
-def _fwd_sweep(q, k, v, o, g2, s_in, s_in_strides, s_out, s_out_transpose, cu_seqlens, n_seg, seg_len, N, tile):
-    """o = the forward recurrence of (q, k, v) from s_in; s_out (optional) gets the state after the last token."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BK = _pow2(K)
-    bt, tile = _chunk_tile(BK, tile)
-    BV = min(_pow2(V), tile) if tile else _pow2(V)
-    so = _state_strides(s_out, transpose=s_out_transpose)
-    grid = (triton.cdiv(V, BV), n_seg, N * H)
-    args = (
-        q, k, v, o, g2, s_in, s_out, cu_seqlens,
-        T, H, seg_len, n_seg,
-        *_bt_strides(q), *_bt_strides(k), *_bt_strides(v), *_bt_strides(o),
-        *s_in_strides, so[0], so[1], so[3], so[4],
-    )  # fmt: skip
-    meta = dict(
-        K=K, V=V, BK=BK, BV=BV, BT=bt,
-        HAS_S_IN=s_in is not None, STORE_S_OUT=s_out is not None, VARLEN=cu_seqlens is not None,
-        PREC=_prec(q.dtype), num_warps=_warps(BK, BV),
-    )  # fmt: skip
-    _launch(_fwd_sweep_kernel, grid, args, meta)
-
-
-def _rev_sweep(a, b, c, y, g2, s_in, s_in_strides, s_out, s_out_transpose, cu_seqlens, n_seg, seg_len, N, tile):
-    B, T, H, A = a.shape
+def _sweep(kernel, a, b, c, y, g2, s_in, s_in_strides, s_out, cu_seqlens, n_seg, seg_len, N, tile):
+    """Launch a sweep kernel: y [.., C] from a, b [.., R] and c [.., C], in C tiles; s_out (optional) gets the
+    state after the last token (forward) or before the first (reverse)."""
+    B, T, H, R = a.shape
     C = c.shape[-1]
-    BA = _pow2(A)
-    bt, tile = _chunk_tile(BA, tile)
+    BR = _pow2(R)
+    bt, tile = _chunk_tile(BR, tile)
     BC = min(_pow2(C), tile) if tile else _pow2(C)
-    so = _state_strides(s_out, transpose=s_out_transpose)
+    so = _state_strides(s_out)
     grid = (triton.cdiv(C, BC), n_seg, N * H)
     args = (
         a, b, c, y, g2, s_in, s_out, cu_seqlens,
@@ -484,34 +463,34 @@ def _rev_sweep(a, b, c, y, g2, s_in, s_in_strides, s_out, s_out_transpose, cu_se
         *s_in_strides, so[0], so[1], so[3], so[4],
     )  # fmt: skip
     meta = dict(
-        A=A, C=C, BA=BA, BC=BC, BT=bt,
+        R=R, C=C, BR=BR, BC=BC, BT=bt,
         HAS_S_IN=s_in is not None, STORE_S_OUT=s_out is not None, VARLEN=cu_seqlens is not None,
-        PREC=_prec(a.dtype), num_warps=_warps(BA, BC),
+        PREC=_prec(a.dtype), num_warps=_warps(BR, BC),
     )  # fmt: skip
-    _launch(_rev_sweep_kernel, grid, args, meta)
+    _launch(kernel, grid, args, meta)
 
 
 def _segment_states(a, c, g2, s0, n_seg, seg_len, reverse, tile):
-    """[B, H, n_seg, A, C] fp32: the state entering each segment (forward; s0 = h0), or the state gradient at
+    """[B, H, n_seg, R, C] fp32: the state entering each segment (forward; s0 = h0), or the state gradient at
     each segment's end (reverse; s0 = dht)."""
-    B, T, H, A = a.shape
+    B, T, H, R = a.shape
     C = c.shape[-1]
-    BA = _pow2(A)
-    bt, tile = _chunk_tile(BA, tile)
+    BR = _pow2(R)
+    bt, tile = _chunk_tile(BR, tile)
     BC = min(_pow2(C), tile) if tile else _pow2(C)
-    w = torch.empty(B, H, n_seg, A, C, dtype=torch.float32, device=a.device)
+    w = torch.empty(B, H, n_seg, R, C, dtype=torch.float32, device=a.device)
     out = torch.empty_like(w)
     _launch(
         _seg_local_kernel,
         (triton.cdiv(C, BC), n_seg - 1, B * H),
         (a, c, w, g2, T, H, seg_len, n_seg, *_bt_strides(a), *_bt_strides(c)),
-        dict(A=A, C=C, BA=BA, BC=BC, BT=bt, REVERSE=reverse, PREC=_prec(a.dtype), num_warps=_warps(BA, BC)),
+        dict(R=R, C=C, BR=BR, BC=BC, BT=bt, REVERSE=reverse, PREC=_prec(a.dtype), num_warps=_warps(BR, BC)),
     )
-    block = min(1024, triton.next_power_of_2(A * C))
+    block = min(1024, triton.next_power_of_2(R * C))
     s0s = _state_strides(s0)
-    _seg_scan_kernel[(triton.cdiv(A * C, block), B * H)](
+    _seg_scan_kernel[(triton.cdiv(R * C, block), B * H)](
         w, s0, out, g2, T, H, seg_len, n_seg, s0s[0], s0s[1], s0s[3], s0s[4],
-        C=C, RC=A * C, BLOCK=block, HAS_S0=s0 is not None, REVERSE=reverse, num_warps=4,
+        C=C, RC=R * C, BLOCK=block, HAS_S0=s0 is not None, REVERSE=reverse, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -538,7 +517,7 @@ class LightningAttentionFunction(torch.autograd.Function):
             s_in, s_in_strides = s_seg, _state_strides(s_seg, per_seg=True)
         else:
             s_in, s_in_strides = initial_state, _state_strides(initial_state)
-        _fwd_sweep(q, k, v, o, g2, s_in, s_in_strides, ht, False, cu_seqlens, n_seg, seg_len, N, tile)
+        _sweep(_fwd_sweep_kernel, q, k, v, o, g2, s_in, s_in_strides, ht, cu_seqlens, n_seg, seg_len, N, tile)
 
         ctx.save_for_backward(q, k, v, g2, initial_state, s_seg, cu_seqlens)
         ctx.plan = (N, n_seg, seg_len)
@@ -556,7 +535,8 @@ class LightningAttentionFunction(torch.autograd.Function):
             s_in, s_in_strides = s_seg, _state_strides(s_seg, transpose=True, per_seg=True)
         else:
             s_in, s_in_strides = h0, _state_strides(h0, transpose=True)
-        _fwd_sweep(do, v, k, dq, g2, s_in, s_in_strides, None, False, cu_seqlens, n_seg, seg_len, N, CONFIG.fwd_tile)
+        tile = CONFIG.fwd_tile
+        _sweep(_fwd_sweep_kernel, do, v, k, dq, g2, s_in, s_in_strides, None, cu_seqlens, n_seg, seg_len, N, tile)
 
         # the state gradient at every segment's end
         if n_seg > 1:
@@ -567,9 +547,9 @@ class LightningAttentionFunction(torch.autograd.Function):
 
         dh0 = _poison(torch.empty(h0.shape, dtype=torch.float32, device=q.device)) if want_dh0 else None
         dv = _empty_like_bt(v, v.shape[-1])
-        _rev_sweep(q, k, do, dv, g2, g_in, g_dv, dh0, False, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
+        _sweep(_rev_sweep_kernel, q, k, do, dv, g2, g_in, g_dv, dh0, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
         dk = _empty_like_bt(k, k.shape[-1])
-        _rev_sweep(do, v, q, dk, g2, g_in, g_dk, None, False, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
+        _sweep(_rev_sweep_kernel, do, v, q, dk, g2, g_in, g_dk, None, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, None, dh0, None, None
