@@ -1,4 +1,4 @@
-# Shared by the pretrain_tnl_*.sh launchers: turns the layout variables they set into a Megatron-LM
+# Shared by the pretrain_tnl_*.sh and *.sbatch launchers: turns the layout variables they set into a Megatron-LM
 # pretrain_gpt.py command (tag core_v0.19.0) and runs it with torchrun, on one node or under SLURM.
 #
 # Needs:    MEGATRON_LM      a Megatron-LM checkout at core_v0.19.0
@@ -6,10 +6,10 @@
 #                            unless MOCK_DATA=1 (Megatron's random tokens, for throughput runs)
 #           TOKENIZER_MODEL  SentencePiece model (examples/prepare_data.sh writes OUT/tokenizer.model)
 # Optional: CKPT_DIR (default runs/$PRESET), TRAIN_ITERS, LR, SAVE_INTERVAL, LOG_INTERVAL, GPUS_PER_NODE,
-#           PYTHON; any of the layout variables (TP PP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
-#           launcher's choice (CP, context parallelism, defaults to 1); extra pretrain_gpt.py arguments after the
-#           script name.
-# The launcher sets PRESET, TP, PP, SP (0/1), MBS, GBS, SEQ, RECOMPUTE (none/full), DISTOPT (0/1), NNODES.
+#           NNODES (default: SLURM's node count, else 1), MASTER_PORT (default 29500), PYTHON; any of the
+#           layout variables (TP PP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the launcher's choice (CP,
+#           context parallelism, defaults to 1); extra pretrain_gpt.py arguments after the script name.
+# The launcher sets PRESET, TP, PP, SP (0/1), MBS, GBS, SEQ, RECOMPUTE (none/full), DISTOPT (0/1).
 
 set -euo pipefail
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at tag core_v0.19.0}"
@@ -64,7 +64,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication overlap 
 launch=(--nproc-per-node "$GPUS_PER_NODE" --master-port "${MASTER_PORT:-29500}")
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    launch+=(--nnodes "$NNODES" --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head:29500")
+    launch+=(--nnodes "$NNODES" --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head:${MASTER_PORT:-29500}")
     exec srun --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run "${launch[@]}" "$MEGATRON_LM/pretrain_gpt.py" "${args[@]}" "$@"
 fi
 exec "$PYTHON" -m torch.distributed.run "${launch[@]}" "$MEGATRON_LM/pretrain_gpt.py" "${args[@]}" "$@"

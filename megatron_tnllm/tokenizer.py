@@ -27,4 +27,4 @@ def train_sentencepiece(text: str, model_prefix: Path, vocab_size: int, num_thre
         num_threads=num_threads, minloglevel=2,
     )  # fmt: skip
     lines.unlink()
-    return model_prefix.with_suffix(".model")
+    return model_prefix.with_name(model_prefix.name + ".model")  # SentencePiece appends, even after a dot

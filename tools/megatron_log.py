@@ -62,9 +62,11 @@ def parse(path: Path) -> dict:
 
 
 def summary(path: Path, skip: int = 3) -> dict:
-    """Median time and TFLOP/s over the iterations after the first ``skip`` (warm-up), and peak memory."""
+    """Median time and TFLOP/s over the logged iterations after the first ``skip`` ones of the log (warm-up;
+    a resumed log's first lines too), and peak memory."""
     log = parse(path)
-    its = [v for i, v in sorted(log["iterations"].items()) if i > skip] or list(log["iterations"].values())
+    ordered = [v for _, v in sorted(log["iterations"].items())]
+    its = ordered[skip:] or ordered
     out = {"log": str(path), "iterations": len(log["iterations"]), "max_allocated_mb": log["max_allocated_mb"]}
     if its:
         out["median_ms"] = statistics.median(v["ms"] for v in its)

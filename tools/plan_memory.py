@@ -117,8 +117,8 @@ def main() -> None:
     )  # fmt: skip
     parts = plan(cfg, lay)
     print(
-        f"{cfg.name}: TP={lay.tp} PP={lay.pp} DP={lay.dp} CP={lay.cp}{' SP' if lay.sp else ''} mbs={lay.mbs} seq={lay.seq} "
-        f"recompute={lay.recompute} distributed-optimizer={lay.distributed_optimizer}"
+        f"{cfg.name}: TP={lay.tp} PP={lay.pp} DP={lay.dp} CP={lay.cp}{' SP' if lay.sp else ''} mbs={lay.mbs} "
+        f"seq={lay.seq} recompute={lay.recompute} distributed-optimizer={lay.distributed_optimizer}"
     )
     for name, value in parts.items():
         print(f"  {name:<18} {value / GiB:8.1f} GiB")

@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     to_megatron.add_argument("--padded-vocab-size", type=int, help="embedding rows, overriding the padding rule")
     to_megatron.add_argument("--iteration", type=int, default=0, help="iteration recorded (default 0)")
-    to_megatron.add_argument("--seq-length", type=int, help="--seq-length recorded in the args (default 2048)")
+    to_megatron.add_argument(
+        "--seq-length", type=int, help="--seq-length recorded in the args (default: model_max_length, else 2048)"
+    )
 
     to_hf = commands.add_parser(
         "megatron-to-hf", help="Megatron checkpoint (torch_dist or torch) -> Hugging Face export"

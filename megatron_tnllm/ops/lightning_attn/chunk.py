@@ -52,9 +52,10 @@ POISON_OUTPUTS = False
 class KernelConfig:
     """Launch knobs (module-level ``CONFIG``; the benchmark sweeps them, tests shrink them).
 
-    chunk: tokens per chunk (BT). fwd_tile: V-tile of the forward / dQ sweeps (0 = the whole width).
-    rev_tile: C-tile of the dK / dV sweeps. wide_chunk, wide_tile: chunk and tile of the sweeps whose
-    reduced width is 256 (the LRPE layer's Dk): their q/k tiles are twice as large in shared memory.
+    chunk: tokens per chunk (BT). fwd_tile: output-column tile of the forward / dQ sweeps (of Dv, resp. Dk;
+    0 = the whole width). rev_tile: output-column tile of the dV / dK sweeps. wide_chunk, wide_tile: chunk
+    and tile of the sweeps whose reduced width is 256 (the LRPE layer's Dk): their q/k tiles are twice as
+    large in shared memory.
     target_ctas: programs wanted per launch before cutting sequences into segments (0 = automatic: one
     segment once batch x heads x tiles reaches the SM count, else as many as fill two programs per SM).
     min_seg: shortest segment in tokens. num_warps: 0 = by state-tile size. num_stages: software-pipelining
@@ -125,7 +126,8 @@ def _fwd_sweep_kernel(
     R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Grid (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C]; s_out [N, H, R, C]."""
+    """Grid (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C] (one segment: h0
+    [N, H, R, C], read with segment stride 0); s_out [N, H, R, C]."""
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
@@ -195,7 +197,8 @@ def _rev_sweep_kernel(
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Grid (C tiles, segments, N*H). a, b [.., R]; c, y [.., C]; G: s_in [N, H, n_seg, R, C] is the gradient of
-    the state at each segment's end; s_out [N, H, R, C] receives G before the first token (dh0)."""
+    the state at each segment's end (one segment: dht [N, H, R, C], segment stride 0); s_out [N, H, R, C]
+    receives G before the first token (dh0)."""
     i_c, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
