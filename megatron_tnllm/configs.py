@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 __all__ = ["PRESETS", "TNLConfig", "get_preset"]
 
@@ -76,7 +80,7 @@ class TNLConfig:
         per_layer = 4 * D * D + D * D + 3 * D * G
         return self.vocab_size * D + self.num_layers * per_layer + len(self.lrpe_layers) * D
 
-    def to_transformer_config(self, **overrides):
+    def to_transformer_config(self, **overrides) -> TransformerConfig:
         """The Megatron-Core ``TransformerConfig`` of this shape; ``overrides`` set any of its fields
         (parallel sizes, ``params_dtype``, ``use_cpu_initialization``, ...)."""
         from megatron.core.transformer import TransformerConfig

@@ -16,6 +16,8 @@ The chunk C is the kernels' 64. Unlike softmax attention nothing grows with the 
 
 from __future__ import annotations
 
+import argparse
+
 from megatron_tnllm.configs import PRESETS
 
 CHUNK = 64
@@ -42,7 +44,7 @@ def tnl_forward_flops_per_token(
     return per_layer + 2 * D * vocab_size
 
 
-def tnl_training_flops(args, tokens: int) -> float:
+def tnl_training_flops(args: argparse.Namespace, tokens: int) -> float:
     """Training FLOPs (forward + backward) for ``tokens`` tokens, from ``pretrain_gpt.py`` args.
 
     Called by Megatron-LM's ``num_floating_point_operations`` when patched with

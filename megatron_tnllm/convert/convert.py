@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class ConversionResult:
 
 
 @contextlib.contextmanager
-def staged_output(target: Path, force: bool):
+def staged_output(target: Path, force: bool) -> Iterator[Path]:
     """Yields an empty temporary directory beside ``target``; on success it becomes ``target``."""
     target = Path(target).absolute()
     if target.exists() and not force:

@@ -102,7 +102,9 @@ def checkpoint_format(directory: Path, strict: bool = True) -> str | None:
     return None
 
 
-def open_checkpoint(root: Path, iteration: int | None = None, **model_options):
+def open_checkpoint(
+    root: Path, iteration: int | None = None, **model_options
+) -> MegatronDistCheckpoint | MegatronLegacyCheckpoint:
     """A reader of the Megatron checkpoint at ``root`` (see :func:`resolve_model` for ``model_options``)."""
     directory = checkpoint_directory(root, iteration)
     if checkpoint_format(directory) == "torch_dist":
@@ -123,7 +125,7 @@ def _spec_scale(spec) -> bool | None:
 
 
 def resolve_model(
-    args,
+    args: argparse.Namespace,
     where: Path,
     layer_count: int,
     lrpe_layers: tuple[int, ...],

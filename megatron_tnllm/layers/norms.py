@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from megatron.core.transformer import TransformerConfig
 
 from megatron_tnllm.ops import srmsnorm
 
@@ -13,7 +14,9 @@ class SRMSNorm(torch.nn.Module):
     """x / sqrt(mean(x^2) + eps) over the last dim, for ``TransformerLayerSubmodules`` norm slots
     and the final norm (the Megatron norm-builder protocol: ``config=, hidden_size=, eps=``)."""
 
-    def __init__(self, config=None, hidden_size: int | None = None, eps: float = 1e-6, **kwargs) -> None:
+    def __init__(
+        self, config: TransformerConfig | None = None, hidden_size: int | None = None, eps: float = 1e-6, **kwargs
+    ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import torch
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLP
 
 
-def identity(x):
+def identity(x: torch.Tensor) -> torch.Tensor:
     """The GLU "activation" of SGLU: none."""
     return x
 
@@ -21,7 +23,7 @@ class SGLU(MLP):
     Build it in a layer spec as ``functools.partial(SGLU.as_mlp_submodule, submodules=MLPSubmodules(...))``.
     """
 
-    def __init__(self, config, *args, **kwargs) -> None:
+    def __init__(self, config: TransformerConfig, *args, **kwargs) -> None:
         config = copy.copy(config)
         config.gated_linear_unit = True
         config.activation_func = identity

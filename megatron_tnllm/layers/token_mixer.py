@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.ssm.gated_delta_net.common import tensor_a2a_cp2hp, tensor_a2a_hp2cp
@@ -146,7 +147,7 @@ class TokenMixer(MegatronModule):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        inference_context=None,
+        inference_context: BaseInferenceContext | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -76,7 +76,14 @@ def _prepare(q, k, v, slope, initial_state):
 
 
 @_per_sequence
-def lightning_attention_quadratic(q, k, v, slope, initial_state=None, output_final_state=False):
+def lightning_attention_quadratic(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The definition: O = ((Q K^T) * M) V + diag(lambda^(t+1)) Q S_init, M_ts = lambda^(t-s) for t >= s.
 
     Memory is O(T^2) per head: for tests only.
@@ -95,7 +102,15 @@ def lightning_attention_quadratic(q, k, v, slope, initial_state=None, output_fin
 
 
 @_per_sequence
-def lightning_attention_chunked(q, k, v, slope, initial_state=None, output_final_state=False, chunk_size=64):
+def lightning_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lightning Attention-2 form, chunk C, in-chunk offsets i, j = 0..c-1 (c = true chunk length):
 
     O = ((Q K^T) * D) V + diag(lambda^(i+1)) Q S,    D_ij = lambda^(i-j) for i >= j
@@ -118,7 +133,14 @@ def lightning_attention_chunked(q, k, v, slope, initial_state=None, output_final
 
 
 @_per_sequence
-def lightning_attention_recurrent(q, k, v, slope, initial_state=None, output_final_state=False):
+def lightning_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token by token: S <- lambda S + k^T v, o = q S."""
     qh, kh, vh, s, state = _prepare(q, k, v, slope, initial_state)
     decay = torch.exp(-s)
