@@ -3,7 +3,9 @@
 1. trains a SentencePiece tokenizer on Tiny Shakespeare (public domain, shipped in examples/data);
 2. writes the tokens in Megatron's indexed-dataset format and reads them with Megatron's GPTDataset;
 3. trains the TNL GPTModel (LRPE, scaled embeddings, SGLU, lightning attention) with AdamW;
-4. saves a torch_dist checkpoint, reloads it into a fresh model and checks the loss is unchanged;
+4. saves a torch_dist checkpoint as pretrain_gpt.py does (args included, so ``--load`` and
+   ``python -m megatron_tnllm.convert megatron-to-hf`` read it), reloads it into a fresh model and checks the
+   loss is unchanged;
 5. prints a greedy continuation of a prompt.
 
 Run: bash setup.sh && .venv/bin/python examples/demo.py   (options: --help)
@@ -17,6 +19,7 @@ import gzip
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -113,6 +116,7 @@ def main() -> None:
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tokenizers import MegatronTokenizer
 
+    from megatron_tnllm.convert.megatron_format import save_megatron_checkpoint
     from megatron_tnllm.models import build_model
     from megatron_tnllm.tokenizer import train_sentencepiece
     from tests.cpu_shims import apply_cpu_shims
@@ -123,8 +127,6 @@ def main() -> None:
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     if args.out.exists():
-        import shutil
-
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     t0 = time.time()
@@ -177,15 +179,19 @@ def main() -> None:
 
     val_before = evaluate(model, valid, args)
     ckpt = args.out / "checkpoint"
-    ckpt.mkdir()
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt))
+    iteration_dir = save_megatron_checkpoint(
+        model, preset.replace(vocab_size=tokenizer.vocab_size), ckpt, args.steps, padded_vocab=tokenizer.vocab_size,
+        tokenizer_model=args.out / "tokenizer.model",
+    )  # fmt: skip
     torch.manual_seed(args.seed + 1)
     reloaded = build_model(preset, vocab_size=tokenizer.vocab_size, use_cpu_initialization=True)
-    reloaded.load_state_dict(dist_checkpointing.load(reloaded.sharded_state_dict(), str(ckpt)))
+    loaded = dist_checkpointing.load({"model": reloaded.sharded_state_dict()}, str(iteration_dir))
+    reloaded.load_state_dict(loaded["model"])
     val_after = evaluate(reloaded, valid, args)
     if abs(val_after - val_before) > 1e-5 * abs(val_before):
         raise RuntimeError(f"reloaded checkpoint gives validation loss {val_after} instead of {val_before}")
     print(f"checkpoint: torch_dist at {ckpt}; validation loss {val_before:.4f} before and {val_after:.4f} after reload")
+    print(f"  to Hugging Face: python -m megatron_tnllm.convert megatron-to-hf {ckpt} {args.out / 'hf'} --verify")
     print(f"\n--- greedy continuation of {args.prompt!r} (reloaded model) ---")
     print(greedy(reloaded, sp, args.prompt, args.new_tokens))
     print(f"--- done in {time.time() - t0:.0f} s ---")

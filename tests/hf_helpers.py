@@ -44,3 +44,9 @@ def train_sentencepiece(directory: Path, vocab_size: int = 1000) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     text = gzip.open(SHAKESPEARE, "rt", encoding="utf-8").read()[:300_000]
     return tnl_tokenizer.train_sentencepiece(text, directory / "tokenizer", vocab_size)
+
+
+def tree_snapshot(directory: Path) -> dict[str, bytes]:
+    """relative path -> bytes of every file under ``directory`` (to show that a directory was left untouched)."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

@@ -170,5 +170,70 @@ def test_failure_midway_leaves_nothing(checkpoints, tmp_path, monkeypatch):
 def test_bad_sizes_and_layouts(checkpoints, tmp_path):
     _assert_fails(megatron_to_hf, checkpoints / "megatron", tmp_path / "out", "cannot read size '5 apples'",
                   max_shard_size="5 apples")  # fmt: skip
-    _assert_fails(hf_to_megatron, checkpoints / "hf", tmp_path / "out", "TP 3 x PP 1 does not divide 4 heads",
+    _assert_fails(hf_to_megatron, checkpoints / "hf", tmp_path / "out", "TP 3 x PP 1 x VPP 1 does not divide 4 heads",
                   tensor_parallel=3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["hf-to-megatron", "--tensor-model-parallel-size", "0"], "-model-parallel-size: 0 is below 1"),
+        (["hf-to-megatron", "--tensor-model-parallel-size", "-8"], "-model-parallel-size: -8 is below 1"),
+        (["hf-to-megatron", "--pipeline-model-parallel-size", "0"], "-model-parallel-size: 0 is below 1"),
+        (["hf-to-megatron", "--iteration", "-1"], "--iteration: -1 is below 0"),
+        (["hf-to-megatron", "--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by: 0 is below 1"),
+        (["hf-to-megatron", "--seq-length", "-5"], "--seq-length: -5 is below 1"),
+        (["hf-to-megatron", "--padded-vocab-size", "0"], "--padded-vocab-size: 0 is below 1"),
+        (["hf-to-megatron", "--tensor-model-parallel-size", "two"], "'two' is not an integer"),
+        (["megatron-to-hf", "--iteration", "-1"], "--iteration: -1 is below 0"),
+        (["megatron-to-hf", "--vocab-size", "0"], "--vocab-size: 0 is below 1"),
+    ],
+)
+def test_nonsense_numbers_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        convert([argv[0], str(tmp_path / "src"), str(tmp_path / "out"), *argv[1:]])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        (dict(tensor_parallel=0), "--tensor-model-parallel-size is 0; expected an integer >= 1"),
+        (dict(pipeline_parallel=-2), "--pipeline-model-parallel-size is -2; expected an integer >= 1"),
+        (dict(iteration=-1), "--iteration is -1; expected an integer >= 0"),
+        (dict(make_vocab_size_divisible_by=0), "--make-vocab-size-divisible-by is 0; expected an integer >= 1"),
+        (dict(seq_length=-1), "--seq-length is -1; expected an integer >= 1"),
+    ],
+)
+def test_nonsense_numbers_are_refused_by_the_api(checkpoints, tmp_path, option, match):
+    _assert_fails(hf_to_megatron, checkpoints / "hf", tmp_path / "out", match, **option)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"{not json", r"config.json is not valid JSON"),
+        (b"[1, 2]", r"config.json holds a JSON list; expected an object"),
+        (b'{"model_type": "transnormer", "decoder_layers": "four"}', r"config.json does not describe a TransNormerLLM"),
+    ],
+)
+def test_invalid_config_json_names_the_file(checkpoints, tmp_path, content, match):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    (hf / "config.json").write_bytes(content)
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", match)
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        (b"{broken", "has an invalid safetensors header \\(not JSON"),
+        (b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}', "has an invalid safetensors header entry 'x'"),
+        (b"[]", "has an invalid safetensors header: a JSON list"),
+    ],
+)
+def test_invalid_safetensors_header_names_the_file(checkpoints, tmp_path, header, match):
+    hf = _copy(checkpoints, "hf", tmp_path)
+    shard = _shards(hf)[0]
+    shard.write_bytes(len(header).to_bytes(8, "little") + header)
+    _assert_fails(hf_to_megatron, hf, tmp_path / "out", f"{shard.name} {match}")

@@ -4,6 +4,6 @@
 """
 
 from megatron_tnllm.convert.convert import ConversionResult, hf_to_megatron, megatron_to_hf
-from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.errors import ConversionError, VerificationError
 
-__all__ = ["ConversionError", "ConversionResult", "hf_to_megatron", "megatron_to_hf"]
+__all__ = ["ConversionError", "ConversionResult", "VerificationError", "hf_to_megatron", "megatron_to_hf"]

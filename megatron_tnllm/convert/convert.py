@@ -1,23 +1,20 @@
 """The two conversions, streamed group by group (embedding, then each layer) with a progress bar.
 
-Output is written into a temporary directory next to the target and renamed at the end: an error at any point
-leaves neither a partial target nor the temporary directory behind; an existing target is replaced only with
-``force``.
+Output is written into a temporary directory next to the target and renamed at the end, after ``verify``
+passed (:mod:`megatron_tnllm.convert.staging`): an error or signal at any point leaves neither a partial target
+nor the temporary directory behind; an existing target is replaced only with ``force``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.errors import ConversionError, note
 from megatron_tnllm.convert.hf_format import HFCheckpoint, SafetensorsWriter, parse_size
 from megatron_tnllm.convert.layout import (
     hf_config_from_tnl,
@@ -35,8 +32,11 @@ from megatron_tnllm.convert.megatron_format import (
     merge_dcp_parts,
     open_checkpoint,
     save_dcp_part,
+    saved_model,
+    tokenizer_pieces,
     write_checkpoint_metadata,
 )
+from megatron_tnllm.convert.staging import staged_output
 from megatron_tnllm.hf.export import write_export_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,36 +44,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass
 class ConversionResult:
-    """What a conversion wrote (sizes of the converted tensors) and, with ``verify``, the max logit difference."""
+    """What a conversion wrote (sizes of the converted tensors) and, with ``verify``, the largest logit difference
+    relative to the largest logit."""
 
     output: Path
     tensors: int
     bytes: int
     vocab_size: int
     padded_vocab_size: int
-    max_logit_difference: float | None = None
+    relative_logit_difference: float | None = None
 
 
-@contextlib.contextmanager
-def staged_output(target: Path, force: bool) -> Iterator[Path]:
-    """Yields an empty temporary directory beside ``target``; on success it becomes ``target``."""
-    target = Path(target).absolute()
-    if target.exists() and not force:
-        raise ConversionError(f"{target} already exists; pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(old / target.name)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
+def _require(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ConversionError(f"{name} is {value!r}; expected an integer >= {minimum}")
 
 
 def _dtype(name: str, source_dtype: torch.dtype) -> torch.dtype:
@@ -109,6 +93,7 @@ def hf_to_megatron(
     *,
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
+    virtual_stages: int = 1,
     make_vocab_size_divisible_by: int = 128,
     padded_vocab: int | None = None,
     dtype: str = "auto",
@@ -122,18 +107,43 @@ def hf_to_megatron(
 
     The embedding is zero-padded to ``padded_vocab`` rows, by default Megatron's padding for training at
     ``tensor_parallel`` (a multiple of ``make_vocab_size_divisible_by * tensor_parallel``). ``tensor_parallel``
-    and ``pipeline_parallel`` are recorded in the args only: torch_dist loads at any TP/PP.
+    and ``pipeline_parallel`` (and ``virtual_stages``, the virtual pipeline chunks per stage) are recorded in the
+    args only: torch_dist loads at any TP/PP/VPP.
     """
+    for name, value, minimum in (
+        ("--tensor-model-parallel-size", tensor_parallel, 1),
+        ("--pipeline-model-parallel-size", pipeline_parallel, 1),
+        ("--num-virtual-stages-per-pipeline-rank", virtual_stages, 1),
+        ("--make-vocab-size-divisible-by", make_vocab_size_divisible_by, 1),
+        ("--padded-vocab-size", padded_vocab, 1),
+        ("--iteration", iteration, 0),
+        ("--seq-length", seq_length, 1),
+    ):
+        _require(name, value, minimum)
     hf = HFCheckpoint(source, seq_length)
     tnl = hf.tnl
-    if tnl.num_heads % tensor_parallel or tnl.num_layers % pipeline_parallel:
+    if hf.tokenizer_model is not None and tnl.vocab_size < (pieces := tokenizer_pieces(hf.tokenizer_model)):
         raise ConversionError(
-            f"TP {tensor_parallel} x PP {pipeline_parallel} does not divide {tnl.num_heads} heads and "
-            f"{tnl.num_layers} layers"
+            f"{source}/config.json has vocab_size {tnl.vocab_size}, below the {pieces} pieces of its tokenizer.model; "
+            f"expected at least {pieces}"
+        )
+    if tnl.num_heads % tensor_parallel or tnl.num_layers % (pipeline_parallel * virtual_stages):
+        raise ConversionError(
+            f"TP {tensor_parallel} x PP {pipeline_parallel} x VPP {virtual_stages} does not divide {tnl.num_heads} "
+            f"heads and {tnl.num_layers} layers; expected TP | heads and PP x VPP | layers"
+        )
+    if virtual_stages > 1 and pipeline_parallel == 1:
+        raise ConversionError(
+            f"--num-virtual-stages-per-pipeline-rank {virtual_stages} needs --pipeline-model-parallel-size >= 2"
         )
     padded = padded_vocab or padded_vocab_size(tnl.vocab_size, make_vocab_size_divisible_by, tensor_parallel)
     if padded < tnl.vocab_size:
         raise ConversionError(f"--padded-vocab-size {padded} is smaller than the vocabulary ({tnl.vocab_size})")
+    if padded > tnl.vocab_size:
+        multiple = make_vocab_size_divisible_by * tensor_parallel
+        rule = "--padded-vocab-size" if padded_vocab else f"a multiple of {multiple}"
+        note(f"padding the vocabulary from {tnl.vocab_size} to {padded} embedding rows with zeros ({rule}); "
+             "megatron-to-hf drops them again")  # fmt: skip
     out_dtype = _dtype(dtype, hf.dtype)
     target = Path(target).absolute()
     final_tokenizer = target / "tokenizer.model" if hf.tokenizer_model else None
@@ -141,6 +151,7 @@ def hf_to_megatron(
         tnl,
         tensor_parallel=tensor_parallel,
         pipeline_parallel=pipeline_parallel,
+        virtual_stages=virtual_stages,
         padded_vocab=padded,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         dtype=out_dtype,
@@ -154,7 +165,7 @@ def hf_to_megatron(
         "content_metadata": dict(CONTENT_METADATA),
     }
     count = size = 0
-    with staged_output(target, force) as staging:
+    with staged_output(source, target, force) as staging:
         checkpoint = staging / f"iter_{iteration:07d}"
         checkpoint.mkdir()
         parts = []
@@ -176,11 +187,16 @@ def hf_to_megatron(
         write_checkpoint_metadata(staging, iteration)
         if hf.tokenizer_model:
             shutil.copyfile(hf.tokenizer_model, staging / "tokenizer.model")
-    result = ConversionResult(target, count, size, tnl.vocab_size, padded)
-    if verify:
-        from megatron_tnllm.convert.verify import max_logit_difference
+        result = ConversionResult(target, count, size, tnl.vocab_size, padded)
+        if verify:
+            from megatron_tnllm.convert import verify as check
 
-        result.max_logit_difference = max_logit_difference(Path(source), target / f"iter_{iteration:07d}", tnl, padded)
+            converted, rows = saved_model(checkpoint)
+            result.relative_logit_difference = check.verify(
+                Path(source), checkpoint, converted, rows,
+                token_limit=_token_limit(hf.tokenizer_model, tnl.vocab_size),
+                limit=check.tolerance(hf.dtype, out_dtype),
+            )  # fmt: skip
     return result
 
 
@@ -198,10 +214,13 @@ def megatron_to_hf(
     verify: bool = False,
     progress: bool = True,
 ) -> ConversionResult:
-    """Megatron checkpoint ``source`` (torch_dist or legacy torch, any TP/PP) -> Hugging Face export at ``target``.
+    """Megatron checkpoint ``source`` (torch_dist or legacy torch, any TP/PP/VPP) -> Hugging Face export at ``target``.
 
-    The vocabulary padding is dropped (true size: ``vocab_size``, else the tokenizer model's, else the args').
+    The vocabulary padding is dropped (true size: ``vocab_size``, else the args', else the tokenizer model's; never
+    below the tokenizer's), with a note.
     """
+    _require("--iteration", iteration, 0)
+    _require("--vocab-size", vocab_size, 1)
     checkpoint = open_checkpoint(
         source, iteration, vocab_size=vocab_size, tokenizer_model=tokenizer_model, scale_embedding=scale_embedding
     )
@@ -218,7 +237,7 @@ def megatron_to_hf(
         for name, shape in hf_group_shapes(tnl, group).items()
     ]
     size = 0
-    with staged_output(target, force) as staging:
+    with staged_output(source, target, force) as staging:
         writer = SafetensorsWriter(staging, specs, max_bytes)
         with _progress(tnl.num_layers + 1, "megatron -> hf", progress) as bar:
             for group in range(tnl.num_layers + 1):
@@ -232,9 +251,18 @@ def megatron_to_hf(
         dtype_name = str(out_dtype).removeprefix("torch.")
         config = hf_config_from_tnl(tnl, **_token_ids(checkpoint.tokenizer_model))
         write_export_files(staging, config, dtype_name, checkpoint.tokenizer_model)
-    result = ConversionResult(Path(target).absolute(), len(specs), size, tnl.vocab_size, checkpoint.padded_vocab)
-    if verify:
-        from megatron_tnllm.convert.verify import max_logit_difference
+        result = ConversionResult(Path(target).absolute(), len(specs), size, tnl.vocab_size, checkpoint.padded_vocab)
+        if verify:
+            from megatron_tnllm.convert import verify as check
 
-        result.max_logit_difference = max_logit_difference(result.output, checkpoint.path, tnl, checkpoint.padded_vocab)
+            result.relative_logit_difference = check.verify(
+                staging, checkpoint.path, checkpoint.saved_tnl, checkpoint.padded_vocab,
+                token_limit=_token_limit(checkpoint.tokenizer_model, tnl.vocab_size),
+                limit=check.tolerance(checkpoint.dtype, out_dtype),
+            )  # fmt: skip
     return result
+
+
+def _token_limit(tokenizer_model: Path | None, vocab_size: int) -> int:
+    """Token ids to verify with: the tokenizer's pieces (ids a user can feed), else the whole vocabulary."""
+    return min(vocab_size, tokenizer_pieces(tokenizer_model)) if tokenizer_model is not None else vocab_size

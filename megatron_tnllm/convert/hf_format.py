@@ -29,6 +29,42 @@ def _describe(tnl: TNLConfig) -> str:
     )
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file; ConversionError naming the file if it is not valid JSON or not an object."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}; expected an object")
+    return value
+
+
+def _check_header(path: Path, header: object) -> dict:
+    """A parsed safetensors header: every entry has a dtype, a shape and [begin, end] data offsets."""
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path} has an invalid safetensors header: a JSON {type(header).__name__}")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ConversionError(
+                f"{path} has an invalid safetensors header entry {name!r}: {str(info)[:100]}; "
+                "expected dtype, shape and data_offsets"
+            )
+    return header
+
+
 def safetensors_header(path: Path) -> dict:
     """The header of a safetensors file; ConversionError if the file is shorter than the header says."""
     size = path.stat().st_size
@@ -39,7 +75,10 @@ def safetensors_header(path: Path) -> dict:
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise ConversionError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
-        header = json.loads(f.read(n))
+        try:
+            header = _check_header(path, json.loads(f.read(n)))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path} has an invalid safetensors header (not JSON: {e})") from None
     end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if end > size:
         raise ConversionError(f"{path} is truncated: its header describes {end} bytes, the file has {size}")
@@ -68,11 +107,14 @@ class HFCheckpoint:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise ConversionError(f"{self.path} has no config.json; expected a Hugging Face TransNormerLLM directory")
-        raw = json.loads(config_path.read_text())
+        raw = read_json(config_path)
         if raw.get("model_type") != "transnormer":
             raise ConversionError(f"{config_path} has model_type {raw.get('model_type')!r}; expected 'transnormer'")
-        self.config = TransnormerConfig.from_dict(raw)
-        self.tnl = tnl_from_hf_config(self.config, seq_length or raw.get("model_max_length") or 2048)
+        try:
+            self.config = TransnormerConfig.from_dict(raw)
+            self.tnl = tnl_from_hf_config(self.config, seq_length or raw.get("model_max_length") or 2048)
+        except (TypeError, ValueError) as e:  # a value of the wrong type (ConversionError is neither)
+            raise ConversionError(f"{config_path} does not describe a TransNormerLLM ({e})") from None
         self.files = self._weight_files()
         self.stored = self._stored_tensors()
         self._check_tensors()
@@ -85,7 +127,9 @@ class HFCheckpoint:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ConversionError(f"{index} has no weight_map of tensor names to shard files")
                 for shard in sorted(set(weight_map.values())):
                     if not (self.path / shard).is_file():
                         raise ConversionError(f"shard {shard} listed in {index} is missing")

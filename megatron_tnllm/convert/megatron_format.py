@@ -10,7 +10,8 @@ Layout that ``pretrain_gpt.py --load ROOT`` reads (megatron/training/checkpointi
 The writer saves one DCP checkpoint per group (embedding, then each layer) into sub-directories and merges them:
 their data files are moved next to each other and their metadata joined into one ``.metadata``, so memory holds
 one group at a time whatever the model size. Readers use ``torch.distributed.checkpoint`` without a process
-group, one group of keys at a time (DCP reads only the entries asked for).
+group, one group of keys at a time (DCP reads only the entries asked for). Every pickle in a checkpoint is read
+through :mod:`megatron_tnllm.convert.safe_load`, which refuses anything but the types Megatron checkpoints hold.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megatron_tnllm.configs import PRESETS, TNLConfig
-from megatron_tnllm.convert.errors import ConversionError
+from megatron_tnllm.convert.errors import ConversionError, note
 from megatron_tnllm.convert.layout import (
     MEGATRON_EMBEDDING,
     from_megatron,
@@ -40,6 +41,7 @@ from megatron_tnllm.convert.layout import (
     merge_tensor_parallel,
     split_torch_dist,
 )
+from megatron_tnllm.convert.safe_load import SafeFileSystemReader, read_common_state, read_dcp_metadata, safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -107,6 +109,7 @@ def open_checkpoint(
 ) -> MegatronDistCheckpoint | MegatronLegacyCheckpoint:
     """A reader of the Megatron checkpoint at ``root`` (see :func:`resolve_model` for ``model_options``)."""
     directory = checkpoint_directory(root, iteration)
+    model_options.setdefault("root", Path(root))
     if checkpoint_format(directory) == "torch_dist":
         return MegatronDistCheckpoint(directory, **model_options)
     return MegatronLegacyCheckpoint(directory, **model_options)
@@ -124,6 +127,70 @@ def _spec_scale(spec) -> bool | None:
     return by_spec.get(spec[1])
 
 
+def tokenizer_pieces(path: Path) -> int:
+    """Number of pieces of a SentencePiece model (ConversionError if it is not one)."""
+    import sentencepiece
+
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f"{path} is not a SentencePiece model ({e})") from None
+
+
+def _find_tokenizer(args: argparse.Namespace, given: Path | None, places: list[Path]) -> Path | None:
+    """``given`` (must exist), else ``args.tokenizer_model`` if that file exists, else a ``tokenizer.model`` in
+    ``places`` (a moved checkpoint: the args hold a path that is gone); says so when none is found."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise ConversionError(f"--tokenizer-model {given} does not exist; expected a SentencePiece model file")
+        return Path(given)
+    recorded = getattr(args, "tokenizer_model", None)
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    for place in dict.fromkeys(places):
+        if (place / "tokenizer.model").is_file():
+            if recorded:
+                note(f"the args' tokenizer model {recorded} does not exist; using {place / 'tokenizer.model'}")
+            return place / "tokenizer.model"
+    note(
+        f"no tokenizer model found (args: {recorded or 'none'}; no tokenizer.model in "
+        f"{' or '.join(map(str, dict.fromkeys(places)))}): the export has no tokenizer (--tokenizer-model adds one)"
+    )
+    return None
+
+
+def _true_vocab_size(
+    args: argparse.Namespace, where: Path, padded_vocab: int, vocab_size: int | None, tokenizer_model: Path | None
+) -> int:
+    """The vocabulary size of the export: ``vocab_size``, else the args' (what the converter records), else the
+    tokenizer's. Never below the tokenizer's size; every row dropped or unused is reported."""
+    pieces = tokenizer_pieces(tokenizer_model) if tokenizer_model is not None else None
+    recorded = getattr(args, "vocab_size", None)
+    chosen = vocab_size or recorded or pieces
+    if chosen is None:
+        raise ConversionError(
+            f"cannot tell the true vocabulary size of {where} (padded to {padded_vocab}): "
+            "pass --vocab-size or --tokenizer-model"
+        )
+    if pieces is not None and chosen < pieces:
+        raise ConversionError(
+            f"vocabulary size {chosen} is below the {pieces} pieces of the tokenizer {tokenizer_model}; "
+            f"expected at least {pieces}"
+        )
+    if chosen > padded_vocab:
+        raise ConversionError(f"vocabulary size {chosen} exceeds the checkpoint's embedding rows ({padded_vocab})")
+    if vocab_size and recorded and vocab_size != recorded:
+        note(f"--vocab-size {vocab_size} differs from the vocabulary size {recorded} in the args of {where}")
+    if chosen < padded_vocab:
+        source = "--vocab-size" if vocab_size else "the args" if recorded else "the tokenizer"
+        note(f"keeping {chosen} of the {padded_vocab} embedding rows (vocabulary size from {source}); "
+             f"the last {padded_vocab - chosen} are Megatron's padding and are dropped")  # fmt: skip
+    if pieces is not None and chosen > pieces:
+        note(f"the model has {chosen} vocabulary rows, its tokenizer {pieces} pieces: ids {pieces}..{chosen - 1} "
+             "have no piece")  # fmt: skip
+    return chosen
+
+
 def resolve_model(
     args: argparse.Namespace,
     where: Path,
@@ -133,40 +200,50 @@ def resolve_model(
     vocab_size: int | None = None,
     tokenizer_model: Path | None = None,
     scale_embedding: bool | None = None,
-) -> tuple[TNLConfig, Path | None]:
-    """The TNLConfig of a checkpoint from its Megatron args and what its tensors show, and its tokenizer model.
+    root: Path | None = None,
+) -> tuple[TNLConfig, Path | None, TNLConfig]:
+    """The TNLConfig of a checkpoint from its Megatron args and what its tensors show, its tokenizer model, and
+    the model as saved (for ``--verify``: the args' embedding scale even when ``scale_embedding`` overrides it).
 
-    The true vocabulary size (Megatron pads it) comes from ``vocab_size``, else the tokenizer model (given, or
-    ``args.tokenizer_model`` if that file exists), else ``args.vocab_size``. The embedding scale comes from
-    ``scale_embedding``, else from ``args.spec``.
+    The true vocabulary size: ``vocab_size``, else ``args.vocab_size``, else the tokenizer model's (given, else
+    ``args.tokenizer_model`` if it exists, else ``tokenizer.model`` in ``root`` or ``where``). The embedding scale:
+    ``scale_embedding``, else ``args.spec``'s.
     """
     if args is None:
         raise ConversionError(f"{where} holds no Megatron args; expected a checkpoint saved by pretrain_gpt.py")
+    if not isinstance(args, argparse.Namespace):
+        raise ConversionError(f"{where}: the args are a {type(args).__name__}; expected an argparse.Namespace")
+    saved_scale = _spec_scale(getattr(args, "spec", None))
     if scale_embedding is None:
-        scale_embedding = _spec_scale(getattr(args, "spec", None))
+        scale_embedding = saved_scale
         if scale_embedding is None:
             raise ConversionError(
                 f"{where} was trained with --spec {getattr(args, 'spec', None)}, so its embedding scale is unknown; "
                 "expected a spec of megatron_tnllm.specs, or pass --scale-embedding / --no-scale-embedding"
             )
+    elif saved_scale is not None and scale_embedding != saved_scale:
+        note(
+            f"{'--scale-embedding' if scale_embedding else '--no-scale-embedding'} overrides the embedding scale of "
+            f"{where} (--spec {' '.join(args.spec)}); the export is a different model"
+        )
     if args.num_layers != layer_count:
         raise ConversionError(
             f"{where}: args.num_layers is {args.num_layers} but the checkpoint has {layer_count} layers"
         )
-    if tokenizer_model is None and getattr(args, "tokenizer_model", None) and Path(args.tokenizer_model).is_file():
-        tokenizer_model = Path(args.tokenizer_model)
-    if vocab_size is None and tokenizer_model is not None:
-        import sentencepiece
+    tokenizer_model = _find_tokenizer(args, tokenizer_model, [p for p in (root, where) if p is not None])
+    vocab_size = _true_vocab_size(args, where, padded_vocab, vocab_size, tokenizer_model)
+    tnl = tnl_from_args(args, where, lrpe_layers, vocab_size, scale_embedding)
+    saved_vocab = min(getattr(args, "vocab_size", None) or vocab_size, padded_vocab)
+    saved_scale = scale_embedding if saved_scale is None else saved_scale
+    saved = tnl_from_args(args, where, lrpe_layers, saved_vocab, saved_scale)
+    return tnl, tokenizer_model, saved
 
-        vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
-    vocab_size = vocab_size or getattr(args, "vocab_size", None)
-    if vocab_size is None:
-        raise ConversionError(
-            f"cannot tell the true vocabulary size of {where} (padded to {padded_vocab}): "
-            "pass --vocab-size or --tokenizer-model"
-        )
-    if vocab_size > padded_vocab:
-        raise ConversionError(f"vocabulary size {vocab_size} exceeds the checkpoint's embedding rows ({padded_vocab})")
+
+def tnl_from_args(
+    args: argparse.Namespace, where: Path, lrpe_layers: tuple[int, ...], vocab_size: int, scale_embedding: bool
+) -> TNLConfig:
+    """The TNLConfig that Megatron args describe (shape, norm epsilon, sequence length) with the given vocabulary,
+    LRPE layers and embedding scale, which the args do not hold."""
     tnl = TNLConfig(
         name="custom",
         num_layers=args.num_layers,
@@ -184,7 +261,20 @@ def resolve_model(
             f"{where}: args.kv_channels is {args.kv_channels}; TNL needs hidden_size / heads = {tnl.head_dim}"
         )
     preset = matching_preset(tnl)
-    return (tnl.replace(name=preset.name) if preset else tnl), tokenizer_model
+    return tnl.replace(name=preset.name) if preset else tnl
+
+
+def saved_model(directory: Path) -> tuple[TNLConfig, int]:
+    """(TNLConfig, embedding rows) of a torch_dist checkpoint directory as its own args describe it: the args'
+    vocabulary size and ``--spec`` embedding scale, no option applied (what ``--verify`` compares against)."""
+    metadata = read_dcp_metadata(directory)
+    stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+    args = read_common_state(directory, metadata).get("args")
+    padded = stored[MEGATRON_EMBEDDING][0]
+    scale = _spec_scale(getattr(args, "spec", None))
+    if args is None or scale is None:
+        raise ConversionError(f"{directory}: its args do not name a megatron_tnllm spec; cannot rebuild the model")
+    return tnl_from_args(args, directory, _lrpe_layers(stored), args.vocab_size or padded, scale), padded
 
 
 def _check_shapes(tnl: TNLConfig, padded_vocab: int, stored: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -230,20 +320,16 @@ class MegatronDistCheckpoint:
     """A torch_dist checkpoint directory read group by group (tensors at their global shapes)."""
 
     def __init__(self, directory: Path, **model_options) -> None:
-        from megatron.core.dist_checkpointing import load_common_state_dict
-
         self.path = Path(directory)
-        if not (self.path / ".metadata").is_file():
-            raise ConversionError(f"{self.path}/.metadata is missing; the torch_dist checkpoint is incomplete")
-        self.reader = FileSystemReader(self.path)
-        metadata = self.reader.read_metadata()
+        metadata = read_dcp_metadata(self.path)
+        self.reader = SafeFileSystemReader(self.path)
         self._check_files(metadata)
         stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
         _require_tnl(stored, "decoder.layers.0.self_attention.qkvu_proj.weight.query", self.path)
         self.dtypes = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
-        args = load_common_state_dict(str(self.path)).get("args")
+        args = read_common_state(self.path, metadata).get("args")
         self.padded_vocab = stored[MEGATRON_EMBEDDING][0]
-        self.tnl, self.tokenizer_model = resolve_model(
+        self.tnl, self.tokenizer_model, self.saved_tnl = resolve_model(
             args, self.path, _layer_count(stored), _lrpe_layers(stored), self.padded_vocab, **model_options
         )
         _check_shapes(self.tnl, self.padded_vocab, stored, self.path)
@@ -273,8 +359,26 @@ class MegatronDistCheckpoint:
 # ------------------------------------------------------------------------------------------ legacy torch
 
 
+def _model_keys(state: object, path: Path) -> list[str]:
+    """The model entries of a legacy rank file: ["model"], or ["model0", ..., "model{V-1}"] with a virtual
+    pipeline of V chunks per rank."""
+    keys = sorted(state, key=str) if isinstance(state, dict) else []
+    if "model" in keys:
+        return ["model"]
+    chunks = sorted(int(m.group(1)) for k in keys if isinstance(k, str) and (m := re.fullmatch(r"model(\d+)", k)))
+    if not chunks or chunks != list(range(len(chunks))):
+        raise ConversionError(
+            f"{path} has no model state (keys {keys[:5]}); expected 'model' or 'model0', 'model1', ... "
+            "(virtual pipeline chunks)"
+        )
+    return [f"model{v}" for v in chunks]
+
+
 class MegatronLegacyCheckpoint:
-    """A legacy ``torch`` checkpoint: ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per rank, per-rank tensors."""
+    """A legacy ``torch`` checkpoint: ``mp_rank_TT[_PPP]/model_optim_rng.pt`` per rank, per-rank tensors; with a
+    virtual pipeline each file holds V chunks ``model0`` ... ``model{V-1}``, chunk v of stage p holding the layers
+    that Megatron's interleaved schedule places there (v-major, then p: chunk (p, v) starts after the layers of
+    all chunks (p', v') with v' < v, or v' = v and p' < p)."""
 
     def __init__(self, directory: Path, **model_options) -> None:
         self.path = Path(directory)
@@ -295,25 +399,28 @@ class MegatronLegacyCheckpoint:
                     )
                 self.files[(tp, pp)] = path
         first = self._load(self.files[(0, 0)])
-        if "model" not in first:
-            raise ConversionError(
-                f"{self.files[(0, 0)]} has no 'model' state (keys {sorted(first)[:5]}); "
-                "virtual-pipeline checkpoints (model0, model1, ...) are not supported"
-            )
-        # Per stage: how many layers, and the shapes of TP rank 0's tensors.
-        self.offsets, local_shapes, dtypes, total = [], {}, {}, 0
-        for pp in range(self.pp):
-            model = first["model"] if pp == 0 else self._load(self.files[(0, pp)])["model"]
-            self.offsets.append(total)
-            for key, tensor in model.items():
-                if not isinstance(tensor, torch.Tensor) or key.startswith("output_layer."):
-                    continue
-                global_key = _shift_layer(key, total)
-                local_shapes[global_key], dtypes[global_key] = tuple(tensor.shape), tensor.dtype
-            total += _layer_count(model)
+        self.model_keys = _model_keys(first, self.files[(0, 0)])
+        # Per chunk in layer order: (first global layer, layer count, stage, model key); shapes of TP rank 0.
+        self.chunks: list[tuple[int, int, int, str]] = []
+        stages, local_shapes, dtypes, total = {0: first}, {}, {}, 0
+        for model_key in self.model_keys:
+            for pp in range(self.pp):
+                if pp not in stages:
+                    stages[pp] = self._load(self.files[(0, pp)])
+                model = stages[pp].get(model_key)
+                if not isinstance(model, dict):
+                    raise ConversionError(f"{self.files[(0, pp)]} has no {model_key!r} state like {self.files[(0, 0)]}")
+                for key, tensor in model.items():
+                    if not isinstance(tensor, torch.Tensor) or key.startswith("output_layer."):
+                        continue
+                    global_key = _shift_layer(key, total)
+                    local_shapes[global_key], dtypes[global_key] = tuple(tensor.shape), tensor.dtype
+                self.chunks.append((total, _layer_count(model), pp, model_key))
+                total += _layer_count(model)
+        del stages
         _require_tnl(local_shapes, "decoder.layers.0.self_attention.qkvu_proj.weight", self.path)
         self.padded_vocab = local_shapes[MEGATRON_EMBEDDING][0] * self.tp
-        self.tnl, self.tokenizer_model = resolve_model(
+        self.tnl, self.tokenizer_model, self.saved_tnl = resolve_model(
             first.get("args"), self.path, total, _lrpe_layers(local_shapes), self.padded_vocab, **model_options
         )
         _check_shapes(self.tnl, self.padded_vocab, self._global_shapes(local_shapes), self.path)
@@ -321,10 +428,8 @@ class MegatronLegacyCheckpoint:
         self._stage: tuple[int, list[dict]] | None = None
 
     def _load(self, path: Path) -> dict:
-        try:  # the file holds argparse.Namespace args, so not weights_only; memory-mapped
-            return torch.load(path, mmap=True, weights_only=False, map_location="cpu")
-        except Exception as e:
-            raise ConversionError(f"cannot read {path} ({e}); is it truncated?") from None
+        """A rank's file, memory-mapped, through the weights-only unpickler (args: Megatron's allow-list)."""
+        return safe_torch_load(path, path, mmap=True)
 
     def _global_shapes(self, local: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         shapes = {}
@@ -337,21 +442,23 @@ class MegatronLegacyCheckpoint:
         return shapes
 
     def _stage_states(self, pp: int) -> list[dict]:
-        """The TP ranks' model states of pipeline stage ``pp`` (the previous stage's are released)."""
+        """The TP ranks' files of pipeline stage ``pp`` (the previous stage's are released)."""
         if self._stage is None or self._stage[0] != pp:
             self._stage = None
-            self._stage = (pp, [self._load(self.files[(tp, pp)])["model"] for tp in range(self.tp)])
+            self._stage = (pp, [self._load(self.files[(tp, pp)]) for tp in range(self.tp)])
         return self._stage[1]
 
     def group(self, index: int) -> dict[str, torch.Tensor]:
         """Group ``index`` under HF names, merged across tensor-parallel ranks."""
         if index == 0:
-            states, prefix, global_prefix = self._stage_states(0), MEGATRON_EMBEDDING, MEGATRON_EMBEDDING
+            files, model_key = self._stage_states(0), self.model_keys[0]
+            prefix = global_prefix = MEGATRON_EMBEDDING
         else:
             layer = index - 1
-            pp = max(p for p, offset in enumerate(self.offsets) if offset <= layer)
-            states = self._stage_states(pp)
-            prefix, global_prefix = f"decoder.layers.{layer - self.offsets[pp]}.", f"decoder.layers.{layer}."
+            offset, _, pp, model_key = next(c for c in self.chunks if c[0] <= layer < c[0] + c[1])
+            files = self._stage_states(pp)
+            prefix, global_prefix = f"decoder.layers.{layer - offset}.", f"decoder.layers.{layer}."
+        states = [f[model_key] for f in files]
         merged = {}
         for key in states[0]:
             if key.startswith(prefix) and not key.endswith("_extra_state"):
@@ -391,7 +498,7 @@ def merge_dcp_parts(parts: list[Path], directory: Path) -> None:
     writes the ``.metadata`` of their union; the part directories are removed."""
     tensors, storage, version = {}, {}, None
     for k, part in enumerate(parts):
-        metadata = FileSystemReader(part).read_metadata()
+        metadata = read_dcp_metadata(part)
         renamed: dict[str, str] = {}
         for index, info in metadata.storage_data.items():
             new = renamed.setdefault(info.relative_path, f"__{k}_{len(renamed)}.distcp")
@@ -417,6 +524,7 @@ def megatron_args(
     make_vocab_size_divisible_by: int,
     dtype: torch.dtype,
     tokenizer_model: Path | None,
+    virtual_stages: int = 1,
 ) -> argparse.Namespace:
     """The args namespace ``pretrain_gpt.py`` would save for this model, parsed by Megatron's own parser.
 
@@ -444,6 +552,8 @@ def megatron_args(
         "--no-save-rng",
         "--no-gradient-accumulation-fusion",
     ]  # fmt: skip
+    if virtual_stages > 1:
+        argv += ["--num-virtual-stages-per-pipeline-rank", str(virtual_stages)]
     if tokenizer_model is not None:
         argv += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model)]
     argv += {torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}.get(dtype, [])
@@ -452,6 +562,7 @@ def megatron_args(
     args.rank, args.world_size, args.data_parallel_size = 0, tensor_parallel * pipeline_parallel, 1
     args.padded_vocab_size, args.vocab_size = padded_vocab, tnl.vocab_size
     args.params_dtype = dtype
+    args.virtual_pipeline_model_parallel_size = virtual_stages if virtual_stages > 1 else None
     args.use_dist_ckpt = True
     args.consumed_train_samples = args.skipped_train_samples = args.consumed_valid_samples = 0
     return args
@@ -463,3 +574,34 @@ def write_checkpoint_metadata(root: Path, iteration: int) -> None:
 
     save_config(CheckpointingConfig("torch_dist", 1), str(root / f"iter_{iteration:07d}"))
     (root / TRACKER).write_text(str(iteration))
+
+
+def save_megatron_checkpoint(
+    model: torch.nn.Module,
+    tnl: TNLConfig,
+    root: Path,
+    iteration: int,
+    *,
+    padded_vocab: int,
+    tokenizer_model: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Saves a TNL ``GPTModel`` (built at TP = PP = 1 in a running process group) as ``pretrain_gpt.py`` would:
+    ``root/iter_N`` in torch_dist with the args of :func:`megatron_args`, the tracker file and a copy of the
+    tokenizer model, so that ``--load root`` and the converter read it. Returns ``root/iter_N``."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(root) / f"iter_{iteration:07d}"
+    directory.mkdir(parents=True)
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, Path(root) / "tokenizer.model")
+        tokenizer_model = Path(root).absolute() / "tokenizer.model"
+    args = megatron_args(
+        tnl, tensor_parallel=1, pipeline_parallel=1, padded_vocab=padded_vocab, make_vocab_size_divisible_by=1,
+        dtype=dtype, tokenizer_model=tokenizer_model,
+    )  # fmt: skip
+    args.iteration = iteration
+    common = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **common}, str(directory))
+    (Path(root) / TRACKER).write_text(str(iteration))
+    return directory

@@ -1,4 +1,4 @@
-"""``--verify``: the Hugging Face and the Megatron model on the same tokens, largest logit difference.
+"""``--verify``: the Hugging Face and the Megatron model on the same tokens; fails above a tolerance per dtype.
 
 Both models are loaded whole, in fp32, on the CPU (an opt-in check). The Megatron side is the TNL ``GPTModel``
 at TP = PP = 1 in a one-process gloo group, filled by Megatron's own torch_dist loader (which reshards any
@@ -15,8 +15,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_tnllm.configs import TNLConfig
+from megatron_tnllm.convert.errors import VerificationError
 
 BATCH, SEQ = 2, 64
+# Accepted max |logit difference| relative to max |logit|, by the dtype the weights were rounded to. Both models
+# run in fp32, so an unchanged dtype (or a widening to fp32) leaves only the two implementations' fp32 rounding
+# (they agree exactly on tnl-tiny; 1e-4 leaves room for deeper models). Rounding fp32 weights to bf16 (8
+# significant bits) moved the logits of a 2-layer tnl-tiny by 1.0e-3 of max |logit|, to fp16 (11 bits) by 1.1e-4
+# (tests/test_convert_verify.py): the tolerances are 10x and 18x those. One layer's out_proj scaled by 1.5 moves
+# them by 5.8e-2, so that fails in every dtype.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @contextlib.contextmanager
@@ -70,14 +78,48 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, use_cache=False).logits.float()
 
 
-def max_logit_difference(hf_directory: Path, megatron_checkpoint: Path, tnl: TNLConfig, padded_vocab: int) -> float:
-    """max |logits_hf - logits_megatron| on fixed random tokens; both are printed with the logit scale."""
-    tokens = torch.randint(0, tnl.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    reference = hf_logits(hf_directory, tokens)
-    converted = megatron_logits(megatron_checkpoint, tnl, padded_vocab, tokens)
-    difference = (reference - converted).abs().max().item()
+def tolerance(source_dtype: torch.dtype, output_dtype: torch.dtype) -> float:
+    """Largest accepted max |logit difference| / max |logit| (both models run in fp32, see :data:`TOLERANCE`)."""
+    if output_dtype in (source_dtype, torch.float32):  # same weights, or exactly widened: only fp32 arithmetic
+        return TOLERANCE[torch.float32]
+    return TOLERANCE[output_dtype]
+
+
+def verify(
+    hf_directory: Path,
+    megatron_checkpoint: Path,
+    megatron_tnl: TNLConfig,
+    padded_vocab: int,
+    token_limit: int,
+    limit: float,
+) -> float:
+    """Runs both models on fixed random tokens below ``token_limit``; returns max |logit difference| / max |logit|
+    over the vocabulary (padding columns dropped), and raises VerificationError above ``limit``.
+
+    ``megatron_tnl`` is the Megatron model as its args describe it (its embedding scale, its vocabulary); the HF
+    side is loaded with its own config.json. A vocabulary that differs between them fails outright.
+    """
+    from megatron_tnllm.hf import TransnormerConfig
+
+    hf_vocab = TransnormerConfig.from_pretrained(hf_directory).vocab_size
+    if hf_vocab != megatron_tnl.vocab_size:
+        raise VerificationError(
+            f"--verify failed: the Hugging Face model has a vocabulary of {hf_vocab}, the Megatron model's args "
+            f"{megatron_tnl.vocab_size}"
+        )
+    tokens = torch.randint(0, token_limit, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    hf = hf_logits(hf_directory, tokens)
+    megatron = megatron_logits(megatron_checkpoint, megatron_tnl, padded_vocab, tokens)
+    scale = max(hf.abs().max().item(), megatron.abs().max().item())
+    difference = (hf - megatron).abs().max().item()
+    relative = difference / scale if scale > 0 else float(difference > 0)
     print(
-        f"verify: {BATCH}x{SEQ} tokens, max |logit difference| {difference:.3e} "
-        f"(max |logit| {reference.abs().max().item():.3e})"
+        f"verify: {BATCH}x{SEQ} tokens, max |logit difference| {difference:.3e} (max |logit| {scale:.3e}; "
+        f"relative {relative:.2e}, tolerance {limit:.0e})"
     )
-    return difference
+    if not relative <= limit:  # also catches NaN
+        raise VerificationError(
+            f"--verify failed: max |logit difference| {difference:.3e} is {relative:.2e} of max |logit| {scale:.3e}, "
+            f"above the tolerance {limit:.0e}; nothing was written"
+        )
+    return relative

@@ -56,14 +56,14 @@ except ImportError:
 
 
 def _module_code(module, roots: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(import lines, definitions) of ``module`` that ``roots`` need: the roots and every top-level function or
-    constant they reach by name, in source order, decorators included."""
+    """(import lines, definitions) of ``module`` that ``roots`` need: the roots and every top-level function, class
+    or constant they reach by name, in source order, decorators included."""
     source = inspect.getsource(module)
     lines = source.splitlines()
     tree = ast.parse(source)
     defined = {}
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):  # classes: e.g. autograd Functions
             defined[node.name] = node
         elif isinstance(node, ast.Assign | ast.AnnAssign):
             for target in node.targets if isinstance(node, ast.Assign) else [node.target]:

@@ -40,6 +40,13 @@ class TransnormerTokenizer(PreTrainedTokenizer):
         clean_up_tokenization_spaces: bool = False,
         **kwargs,
     ) -> None:
+        if not vocab_file or not os.path.isfile(vocab_file):
+            # Fail at load: transformers passes None when the directory has no tokenizer.model, and an empty
+            # SentencePieceProcessor would only fail at the first encode.
+            raise ValueError(
+                f"TransnormerTokenizer: SentencePiece model {vocab_file or 'tokenizer.model'} not found; expected "
+                f"tokenizer.model in {kwargs.get('name_or_path') or 'the tokenizer directory'}"
+            )
         self.vocab_file = vocab_file
         self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
         self.add_bos_token = add_bos_token
