@@ -60,6 +60,53 @@ def test_planner_context_parallelism_splits_tokens_and_optimizer():
         plan(p, Layout(cp=4, seq=4100))
 
 
+def test_planner_interleaving_holds_more_activations_on_the_first_stage():
+    """Megatron's interleaved schedule: 2 (PP - 1) + (VPP - 1) PP + 1 chunks of L / (PP VPP) layers in flight on the
+    first stage (tnl-65b, PP=4, VPP=2: 11 chunks of 10 layers) against 1F1B's PP micro-batches of L / PP layers
+    (4 x 20); both capped by the chunks a step has."""
+    p = get_preset("tnl-65b").replace(lrpe_layers=())  # every layer alike: activations = layers held x one layer
+    base = dict(tp=8, sp=True, pp=4, dp=2, mbs=1, seq=4096)
+    per_layer = plan_activation_bytes_per_layer(p, base["mbs"] * base["seq"]) / base["tp"]
+    assert plan(p, Layout(**base, num_microbatches=8))["activations"] == pytest.approx(80 * per_layer)
+    assert plan(p, Layout(**base, num_microbatches=8, vpp=2))["activations"] == pytest.approx(110 * per_layer)
+    assert plan(p, Layout(**base, num_microbatches=8, vpp=5))["activations"] == pytest.approx(23 * 4 * per_layer)
+    assert plan(p, Layout(**base, num_microbatches=4, vpp=2))["activations"] == pytest.approx(80 * per_layer)
+    with pytest.raises(ValueError, match="not a multiple of pp 4"):
+        plan(p, Layout(**base, num_microbatches=6, vpp=2))
+    with pytest.raises(ValueError, match="do not split into 4 pipeline stages x 3 virtual stages"):
+        plan(p, Layout(**base, num_microbatches=8, vpp=3))
+
+
+def plan_activation_bytes_per_layer(cfg, tokens):
+    from plan_memory import activation_bytes_per_token_layer
+
+    return activation_bytes_per_token_layer(cfg) * tokens
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tp", "-8"], "argument --tp: expected a positive integer, got -8"),
+        (["--seq", "0"], "argument --seq: expected a positive integer, got 0"),
+        (["--mbs", "0"], "argument --mbs: expected a positive integer, got 0"),
+        (["--dp", "x"], "argument --dp: expected a positive integer, got 'x'"),
+        (["--vpp", "2"], "vpp 2 needs pipeline parallelism (pp >= 2), got pp 1"),
+        (["--pp", "4"], "tnl-7b: 30 layers do not split into 4 pipeline stages"),
+        (["--gbs", "3", "--dp", "2"], "--gbs 3 is not a multiple of mbs x dp = 2"),
+    ],
+)
+def test_planner_refuses_bad_values_in_one_line(capsys, argv, message):
+    from plan_memory import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "tnl-7b", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"plan_memory.py: error: {message}\n"
+    with pytest.raises(ValueError, match="tp must be a positive integer, got -8"):
+        Layout(tp=-8)
+
+
 def test_megatron_log_undoes_the_first_interval_average(tmp_path):
     """Megatron averages a process's first iteration into its second log line; the parser recovers the
     second iteration's own loss and time (figures from a real resumed run: 3.420707 logged, 3.456290 true)."""

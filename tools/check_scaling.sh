@@ -15,9 +15,12 @@
 # STEP "cp" (GPUS GPUs, 2 or more): tnl-1b at CP=GPUS, mock data, full recompute, one sequence per step from
 #   32k tokens doubling to 1M until a run fails (the longest that fits); then the first 20 losses at 16k of CP=GPUS
 #   against one GPU, both from one initial checkpoint.
+# STEP "vpp" (GPUS GPUs, 4 or 8): tnl-1b at PP=4 x DP=GPUS/4, 8 micro-batches of 2 x 2048 per step and DP rank,
+#   20 iterations from one initial checkpoint with 1F1B and with the interleaved schedule (VPP=2, 2 layers a
+#   chunk): the losses of VPP=2 against 1F1B's, tokens/s/GPU of both beside tools/plan_step.py's prediction.
 set -uo pipefail
-out=${1:?usage: $0 OUT_DIR 7b|weak|13b|cp}
-step=${2:?usage: $0 OUT_DIR 7b|weak|13b|cp}
+out=${1:?usage: $0 OUT_DIR 7b|weak|13b|cp|vpp}
+step=${2:?usage: $0 OUT_DIR 7b|weak|13b|cp|vpp}
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 TRAIN_ITERS=200 LR=3e-4
 gpus=${GPUS:-8}
@@ -85,5 +88,19 @@ cp)
     layout_run cp${gpus}_16k "$gpus" pretrain_tnl_1b.sh CP="$gpus" DISTOPT=0 "${short[@]}" -- "${init[@]}"
     "${compare[@]}" "$out/cp1_16k.log" "$out/cp${gpus}_16k.log" --iters 1-20 --tol "$BF16_TOL"
     ;;
-*) echo "unknown step $step (7b|weak|13b|cp)" >&2; exit 2 ;;
+vpp)
+    (( gpus == 4 || gpus == 8 )) || { echo "the vpp step needs GPUS=4 or 8" >&2; exit 2; }
+    dp=$((gpus / 4)) gbs=$((16 * gpus / 4))
+    layout_run init1b_vpp 1 pretrain_tnl_1b.sh DISTOPT=0 MBS=2 GBS=16 SEQ=2048 -- "${seeded[@]}" --exit-interval 1 \
+        --no-save-optim --no-save-rng
+    init=(--load "$work/init1b_vpp" --finetune --exit-interval 20 --no-save-optim --no-save-rng "${seeded[@]}")
+    for vpp in 1 2; do
+        layout_run pp4_vpp$vpp "$gpus" pretrain_tnl_1b.sh PP=4 VPP=$vpp DISTOPT=0 MBS=2 GBS=$gbs SEQ=2048 -- "${init[@]}"
+        echo "PP=4 VPP=$vpp DP=$dp: $(tokens_per_gpu "$out/pp4_vpp$vpp.log" $((gbs * 2048)) "$gpus") tokens/s/GPU," \
+            "predicted: $("$PYTHON" "$here/tools/plan_step.py" --preset tnl-1b --vocab-size 8192 --pp 4 --vpp $vpp \
+            --dp $dp --mbs 2 --gbs $gbs --seq 2048 --no-distributed-optimizer | sed -n 1p)"
+    done
+    "${compare[@]}" "$out/pp4_vpp1.log" "$out/pp4_vpp2.log" --iters 1-20 --tol "$BF16_TOL"
+    ;;
+*) echo "unknown step $step (7b|weak|13b|cp|vpp)" >&2; exit 2 ;;
 esac
