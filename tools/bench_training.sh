@@ -1,45 +1,125 @@
 #!/usr/bin/env bash
 # Training throughput of tnl-1b against a GPT of the same shape (16 layers, width 2048, FFN 5632 SwiGLU, RoPE,
 # softmax attention through torch SDPA's flash kernel: tools/gpt_sdpa_spec.py), both on Megatron-Core through
-# Megatron-LM's pretrain_gpt.py, one GPU, bf16, mock data, vocab 64000, at sequence lengths 2k, 8k, 32k, 64k.
+# Megatron-LM's pretrain_gpt.py, one GPU, bf16, mock data, vocab 64000, at sequence lengths 2k, 8k, 32k, 64k;
+# and tnl-7b at its launcher's layout (TP=2 + sequence parallel, micro-batch 1 x 4096) on two GPUs.
 #
-#   MEGATRON_LM=third_party/Megatron-LM [GPU=0] [ITERS=8] [MODELS="tnl gpt"] [PORT=29500] tools/bench_training.sh OUT_DIR [SEQ ...]
+#   MEGATRON_LM=third_party/Megatron-LM [GPU=0] [GPUS=0,1] [ITERS=8] [MODELS="tnl gpt"] [PORT=29500] \
+#       [PEAK_TFLOPS=989] tools/bench_training.sh OUT_DIR [SEQ ...]
 #
-# Each run: 64k tokens per step (micro-batch of min(16k, seq) tokens), ITERS steps; OUT_DIR/<model>_<seq>.log.
-# The 64k runs use full activation recompute for both models (without it neither fits 141 GB at vocab 64000).
-# Summarise with: python tools/megatron_log.py OUT_DIR/*.log
+# MODELS: any of tnl (tnl-1b on GPU), gpt (the GPT on GPU), tnl7b (tnl-7b, TP=2 + SP on GPUS, sequence 4096 whatever
+# the SEQ list). Each run: 64k tokens per step (tnl-1b/GPT micro-batch of min(16k, seq) tokens), ITERS steps;
+# OUT_DIR/<model>_<seq>.log. The 64k runs use full activation recompute for both models (without it neither fits
+# 141 GB at vocab 64000). At the end OUT_DIR/summary.md holds one row per run: median step time over the steps
+# after the third, tokens/s, model TFLOP/s per GPU (TNL: megatron_tnllm.flops, counted the same with or without
+# the FLOP patch; GPT: Megatron's own formula from its log) and MFU = TFLOP/s / PEAK_TFLOPS (default 989, the H200's
+# dense bf16 peak), peak memory.
+#
+# Every variable and argument is a value: each is checked (integers, GPU lists, model names) before any arithmetic
+# or command line uses it, and reaches Python only as an argument.
 set -uo pipefail
+die() { echo "${0##*/}: $*" >&2; exit 1; }
+is_int() { [[ $1 =~ ^[0-9]{1,9}$ ]] && (( 10#$1 >= $2 )); }
+
 out=${1:?usage: $0 OUT_DIR [SEQ ...]}
 shift
 seqs=("$@")
 (( ${#seqs[@]} )) || seqs=(2048 8192 32768 65536)
+for s in "${seqs[@]}"; do is_int "$s" 1 || die "$(printf 'SEQ %q' "$s"): expected a positive integer"; done
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
+[[ -f $MEGATRON_LM/pretrain_gpt.py ]] || die "no pretrain_gpt.py in MEGATRON_LM=$MEGATRON_LM"
+GPU=${GPU:-0} GPUS=${GPUS:-0,1} ITERS=${ITERS:-8} PORT=${PORT:-29500} MODELS=${MODELS:-tnl gpt} PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+[[ $GPU =~ ^[0-9]{1,3}$ ]] || die "$(printf 'GPU=%q' "$GPU"): expected one GPU index"
+[[ $GPUS =~ ^[0-9]{1,3},[0-9]{1,3}$ ]] || die "$(printf 'GPUS=%q' "$GPUS"): expected two GPU indices such as 0,1"
+is_int "$ITERS" 4 || die "$(printf 'ITERS=%q' "$ITERS"): expected an integer >= 4 (the first 3 steps are warm-up)"
+is_int "$PORT" 1 && (( 10#$PORT <= 65535 )) || die "$(printf 'PORT=%q' "$PORT"): expected a port number"
+[[ $PEAK_TFLOPS =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$(printf 'PEAK_TFLOPS=%q' "$PEAK_TFLOPS"): expected a number"
+read -r -a models <<< "$MODELS"
+for m in "${models[@]}"; do
+    [[ $m == tnl || $m == gpt || $m == tnl7b ]] || die "$(printf 'MODELS entry %q' "$m"): expected tnl, gpt or tnl7b"
+done
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$out"
+grep -qs "megatron_tnllm.flops" "$MEGATRON_LM/megatron/training/training.py" \
+    || echo "note: the TNL FLOP patch is not applied; the TNL logs show Megatron's softmax FLOPs (summary.md does not)"
 
 shape=(--num-layers 16 --hidden-size 2048 --num-attention-heads 16 --kv-channels 128 --ffn-hidden-size 5632
        --disable-bias-linear --normalization RMSNorm --norm-epsilon 1e-6 --hidden-dropout 0 --attention-dropout 0
        --transformer-impl local --no-create-attention-mask-in-dataloader --no-bias-dropout-fusion)
-read -r -a tnl <<< "$("$PYTHON" -c "from megatron_tnllm.configs import get_preset; print(' '.join(get_preset('tnl-1b').to_megatron_args()))")"
+preset_args() { "$PYTHON" -c 'import sys; from megatron_tnllm.configs import get_preset; print(" ".join(get_preset(sys.argv[1]).to_megatron_args()))' "$1"; }
+read -r -a tnl <<< "$(preset_args tnl-1b)"
+read -r -a tnl7b <<< "$(preset_args tnl-7b)"
 gpt=("${shape[@]}" --swiglu --position-embedding-type rope --no-rope-fusion --no-persist-layer-norm --spec gpt_sdpa_spec gpt_sdpa_layer)
+runs=()  # model preset seq gbs gpus log, six words per run, for the summary
+
+# run MODEL PRESET SEQ MBS GBS DEVICES NPROC EXTRA...: one pretrain_gpt.py run, its log and a one-line summary
+run() {
+    local model=$1 preset=$2 seq=$3 mbs=$4 gbs=$5 devices=$6 nproc=$7
+    shift 7
+    local log="$out/${model}_${seq}.log" margs
+    case $model in
+        tnl) margs=("${tnl[@]}") ;;
+        gpt) margs=("${gpt[@]}") ;;
+        tnl7b) margs=("${tnl7b[@]}" --tensor-model-parallel-size 2 --sequence-parallel) ;;
+    esac
+    echo "== $model seq $seq: micro-batch $mbs, global batch $gbs, GPUs $devices $*"
+    CUDA_VISIBLE_DEVICES=$devices PYTHONPATH="$here:${PYTHONPATH:-}" CUDA_DEVICE_MAX_CONNECTIONS=1 \
+    "$PYTHON" -m torch.distributed.run --nproc-per-node "$nproc" --master-port "$PORT" "$MEGATRON_LM/pretrain_gpt.py" \
+        "${margs[@]}" --seq-length "$seq" --max-position-embeddings "$seq" \
+        --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "$ITERS" \
+        --bf16 --no-gradient-accumulation-fusion --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant \
+        --mock-data --tokenizer-type NullTokenizer --vocab-size 64000 --split 100,0,0 --eval-iters 0 --eval-interval 1000 \
+        --log-interval 1 --log-throughput --use-distributed-optimizer "$@" > "$log" 2>&1
+    echo "   exit $?"
+    runs+=("$model" "$preset" "$seq" "$gbs" "$nproc" "$log")
+}
 
 for seq in "${seqs[@]}"; do
+    seq=$((10#$seq))
     mbs=$(( seq >= 16384 ? 1 : 16384 / seq ))
     gbs=$(( 65536 / seq > mbs ? 65536 / seq : mbs ))
     extra=()
     (( seq > 32768 )) && extra=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
-    for model in ${MODELS:-tnl gpt}; do
-        if [[ $model == tnl ]]; then margs=("${tnl[@]}"); else margs=("${gpt[@]}"); fi
-        echo "== $model seq $seq: micro-batch $mbs, global batch $gbs ${extra[*]}"
-        CUDA_VISIBLE_DEVICES=${GPU:-0} PYTHONPATH="$here:${PYTHONPATH:-}" CUDA_DEVICE_MAX_CONNECTIONS=1 \
-        "$PYTHON" -m torch.distributed.run --nproc-per-node 1 --master-port "${PORT:-29500}" "$MEGATRON_LM/pretrain_gpt.py" \
-            "${margs[@]}" --seq-length "$seq" --max-position-embeddings "$seq" \
-            --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "${ITERS:-8}" \
-            --bf16 --no-gradient-accumulation-fusion --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant \
-            --mock-data --tokenizer-type NullTokenizer --vocab-size 64000 --split 100,0,0 --eval-iters 0 --eval-interval 1000 \
-            --log-interval 1 --log-throughput --use-distributed-optimizer "${extra[@]}" \
-            > "$out/${model}_${seq}.log" 2>&1
-        echo "   exit $? $("$PYTHON" "$here/megatron_log.py" "$out/${model}_${seq}.log")"
+    for model in "${models[@]}"; do
+        [[ $model == tnl7b ]] || run "$model" tnl-1b "$seq" "$mbs" "$gbs" "$GPU" 1 "${extra[@]}"
     done
 done
+for model in "${models[@]}"; do
+    [[ $model == tnl7b ]] && run tnl7b tnl-7b 4096 1 16 "$GPUS" 2
+done
+
+PYTHONPATH="$here:${PYTHONPATH:-}" "$PYTHON" - "$out/summary.md" "$PEAK_TFLOPS" "${runs[@]}" <<'EOF'
+"""summary.md: one row per run (arguments: path, peak TFLOP/s, then model preset seq gbs gpus log per run)."""
+import sys
+from pathlib import Path
+
+from megatron_log import summary  # tools/, on PYTHONPATH
+from megatron_tnllm.configs import get_preset
+from megatron_tnllm.flops import tnl_forward_flops_per_token
+
+path, peak, rest = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+rows = ["| model | seq | GPUs | ms/step | tokens/s | TFLOP/s/GPU | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+for i in range(0, len(rest), 6):
+    model, preset, seq, gbs, gpus, log = rest[i : i + 6]
+    s = summary(Path(log))
+    if "median_ms" not in s:
+        rows.append(f"| {model} | {seq} | {gpus} | failed: see {log} | | | | |")
+        continue
+    tokens, seconds = int(gbs) * int(seq), s["median_ms"] / 1e3
+    if model.startswith("tnl"):
+        p = get_preset(preset)
+        flops = 3 * tokens * tnl_forward_flops_per_token(
+            p.num_layers, p.hidden_size, p.num_heads, p.glu_size, 64000, len(p.lrpe_layers)
+        )
+        tflops = flops / seconds / int(gpus) / 1e12
+    else:
+        tflops = s.get("median_tflops", float("nan"))
+    peak_gib = (s["max_allocated_mb"] or float("nan")) / 1024
+    rows.append(
+        f"| {model} | {seq} | {gpus} | {s['median_ms']:.1f} | {tokens / seconds:,.0f} | {tflops:.0f} | "
+        f"{100 * tflops / peak:.1f}% | {peak_gib:.1f} |"
+    )
+path.write_text("\n".join(rows) + "\n")
+print("\n".join(rows))
+EOF

@@ -6,8 +6,12 @@ they are; same computation (SPEC.md §1), with two deliberate differences: LRPE 
 generate what each prompt generates alone).
 
 Generation keeps a :class:`TransnormerCache`: per layer one fp32 state [b, h, d_qk, d_v], so memory does
-not grow with the length. Beam search reorders it by beam (the released ``_reorder_cache`` iterates over
-the wrong dimension).
+not grow with the length. Beam search reorders it by beam, in place (the released ``_reorder_cache`` iterates
+over the wrong dimension).
+
+Decoding one token per sequence can run on static buffers (:class:`DecodeGraph`, one per batch size, made on
+first use) and, on CUDA, as one captured CUDA graph: eager PyTorch spends most of a decode step launching
+kernels. ``TransnormerForCausalLM.decode_mode`` selects it ("auto": a CUDA graph on CUDA, eager elsewhere).
 
 The operators come from ``megatron_tnllm`` (Triton kernels on CUDA tensors, PyTorch elsewhere). Exported
 checkpoint directories carry a copy of this file in which the marked import block below is replaced by the
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,7 @@ from megatron_tnllm.ops import lightning_attention, lightning_attention_step, sr
 from .configuration_transnormer import TransnormerConfig
 
 __all__ = [
+    "DecodeGraph",
     "TransnormerCache",
     "TransnormerConfig",
     "TransnormerForCausalLM",
@@ -90,10 +96,85 @@ class TransnormerCache:
         return self.seen_tokens
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i continues the sequence in row ``beam_idx[i]`` (every state and position)."""
-        self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        """Beam search: row i continues the sequence in row ``beam_idx[i]`` (every state and position).
+
+        In place, so that states living in a :class:`DecodeGraph`'s static buffers stay there.
+        """
+        for t in [*self.states, self.positions]:
+            if t is not None:
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+
+class DecodeGraph:
+    """One decode step (a token per sequence) at a fixed batch size b, on static buffers.
+
+    Buffers: ids [b, 1] int64, mask [b, 1] bool (False for a pad token), positions [b] int64 (each row's next
+    LRPE position), one fp32 state [b, h, d_qk, d_v] per layer, logits [b, 1, V]. ``step`` reads them and
+    updates the states and positions in place. With ``capture`` (CUDA) the step is recorded once as a CUDA graph
+    and replayed; otherwise it runs eagerly on the same buffers (the CPU path, and the check of the graph path).
+
+    A cache is bound by copying its state in and pointing its tensors at the buffers; the cache bound before it
+    first gets a private copy back, so two caches never share state.
+    """
+
+    def __init__(self, cache: TransnormerCache, step, capture: bool) -> None:
+        """cache: the template (its state shapes, dtype and device); step: fn(DecodeGraph) -> logits [b, 1, V]."""
+        self.states = [torch.zeros_like(s) for s in cache.states]
+        device = self.states[0].device
+        b = self.states[0].shape[0]
+        self.ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.mask = torch.ones(b, 1, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self._owner: weakref.ref | None = None
+        if capture:
+            # Warm-up off the capturing stream (Triton compiles, cuBLAS picks its kernels), then record. Both run
+            # on the zeroed buffers, before any cache is bound.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step(self)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(self)
+
+    @staticmethod
+    def key(cache: TransnormerCache) -> tuple:
+        """What a graph is specific to: the device, batch size and every state's shape and dtype."""
+        return (cache.states[0].device, *((tuple(s.shape), s.dtype) for s in cache.states))
+
+    def bind(self, cache: TransnormerCache) -> None:
+        """Moves ``cache``'s states and positions into the buffers (a no-op when they are there already)."""
+        if cache.positions is self.positions and all(s is t for s, t in zip(cache.states, self.states, strict=True)):
+            return
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not cache:
+            owner.states = [s.clone() if s is t else s for s, t in zip(owner.states, self.states, strict=True)]
+            if owner.positions is self.positions:
+                owner.positions = self.positions.clone()
+        for s, t in zip(cache.states, self.states, strict=True):
+            if s is not t:
+                t.copy_(s)
+        if cache.positions is not self.positions:
+            self.positions.copy_(cache.positions)
+        cache.states, cache.positions = list(self.states), self.positions
+        self._owner = weakref.ref(cache)
+
+    def run(self, cache: TransnormerCache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids [b, 1], mask [b, 1] (nonzero for real tokens) -> logits [b, 1, V] (a fresh tensor); advances
+        ``cache`` by one token."""
+        self.bind(cache)
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        cache.seen_tokens += 1
+        if self.graph is None:
+            return self.step(self)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the buffer
 
 
 class Lrpe(nn.Module):
@@ -145,20 +226,23 @@ class NormLinearAttention(nn.Module):
         so padding adds nothing to the state); state: the state before these tokens.
         """
         b, n, width = x.shape
-        q, k, v, u = self.qkvu_proj(x).view(b, n, 4, self.num_heads, self.head_dim).unbind(2)  # [b, n, h, d]
-        q, k = F.silu(q), F.silu(k)
+        qkvu = self.qkvu_proj(x).view(b, n, 4, self.num_heads, self.head_dim)
+        # Few passes over memory (a decode step is a chain of small kernels): SiLU of q and k in one, the
+        # padding select in one, the gate multiplied into the norm's output without copying u first.
+        q, k = F.silu(qkvu[:, :, :2]).unbind(2)  # [b, n, h, d]
+        v, u = qkvu[:, :, 2], qkvu[:, :, 3]
         if hasattr(self, "lrpe"):
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)
         if pad_mask is not None:
-            v = v.masked_fill(~pad_mask[:, :, None, None], 0.0)
+            v = torch.where(pad_mask[:, :, None, None], v, 0.0)
         slope = self.slope(x.device)
         if n == 1 and state is not None:
             o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state, inplace=True)
             o = o[:, None]
         else:
             o, state = lightning_attention(q, k, v, slope, initial_state=state, output_final_state=use_cache)
-        o = srmsnorm(o.reshape(b, n, width), NORM_EPS) * u.reshape(b, n, width)
-        return self.out_proj(o), state
+        o = srmsnorm(o.reshape(b, n, width), NORM_EPS).view(b, n, self.num_heads, self.head_dim) * u
+        return self.out_proj(o.reshape(b, n, width)), state
 
 
 class GLU(nn.Module):
@@ -305,8 +389,17 @@ class TransnormerModel(TransnormerPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
+DECODE_MODES = ("auto", "graph", "static", "eager")
+
+
 class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
-    """TransnormerModel plus the output layer tied to the embedding."""
+    """TransnormerModel plus the output layer tied to the embedding.
+
+    ``decode_mode`` picks how a one-token step on a filled cache runs (without gradients, in eval mode):
+    "graph" replays a CUDA graph per batch size (CUDA only), "static" runs the same step eagerly on the same
+    static buffers, "eager" runs the plain forward, "auto" (the default) is "graph" on CUDA and "eager"
+    elsewhere. All four compute the same numbers.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -314,7 +407,43 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = TransnormerModel(config)
         self.lm_head = nn.Linear(config.decoder_embed_dim, config.vocab_size, bias=False)
+        self.decode_mode = "auto"
+        self.decode_graphs: dict[tuple, DecodeGraph] = {}
         self.post_init()
+
+    def _apply(self, fn, *args, **kwargs):
+        # A graph holds the addresses of the weights it was recorded with; .to()/.half()/... move them.
+        self.__dict__.get("decode_graphs", {}).clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _decode_graph_for(self, cache: TransnormerCache, ids: torch.Tensor) -> DecodeGraph | None:
+        """The DecodeGraph for this one-token step, or None when the step must run the plain forward."""
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode={self.decode_mode!r}; expected one of {DECODE_MODES}")
+        mode = self.decode_mode
+        if mode == "auto":
+            mode = "graph" if ids.is_cuda else "eager"
+        if mode == "eager" or self.training or torch.is_grad_enabled() or cache.positions is None:
+            return None
+        if any(s is None for s in cache.states):
+            return None
+        if mode == "graph" and not ids.is_cuda:
+            raise ValueError(f"decode_mode='graph' needs CUDA tensors; got input_ids on {ids.device}")
+        key = (mode, *DecodeGraph.key(cache))
+        if key not in self.decode_graphs:
+            self.decode_graphs[key] = DecodeGraph(cache, self._decode_step, capture=mode == "graph")
+        return self.decode_graphs[key]
+
+    def _decode_step(self, g: DecodeGraph) -> torch.Tensor:
+        """The forward pass of one token per row on ``g``'s buffers -> logits [b, 1, V]; ``g.states`` and
+        ``g.positions`` are updated in place (what ``forward`` computes for the same token, op for op)."""
+        m = self.model
+        hidden = m.embed_tokens(g.ids) * m.embed_scale
+        positions = g.positions[:, None] + g.mask.long() - 1
+        for layer, state in zip(m.layers, g.states, strict=True):
+            hidden, _ = layer(hidden, positions, g.mask, state, True)  # the step updates ``state`` in place
+        g.positions.add_(g.mask[:, 0].long())
+        return self.lm_head(srmsnorm(hidden, NORM_EPS))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -344,11 +473,26 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits [b, n, V] (the last ``logits_to_keep`` positions if > 0); with ``labels`` [b, n] also the
         next-token cross-entropy (labels shifted inside, -100 ignored)."""
+        cache = cache if cache is not None else past_key_values
+        graph = None
+        if (
+            cache is not None
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and labels is None
+            and use_cache is not False
+            and not (output_hidden_states or self.config.output_hidden_states)
+        ):
+            graph = self._decode_graph_for(cache, input_ids)
+        if graph is not None:
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -1:]
+            result = CausalLMOutputWithPast(logits=graph.run(cache, input_ids, mask), **{CACHE_FIELD: cache})
+            return result if return_dict is not False else result.to_tuple()
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,

@@ -1,0 +1,120 @@
+"""The performance tools on a CPU: tools/profile_step.py's kernel attribution on a GPU-format trace, and
+tools/bench_training.sh's value checks and summary against a stand-in pretrain_gpt.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _x(name, ts, dur, cat, tid=1, pid=1, **args):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "tid": tid, "pid": pid, "args": args}
+
+
+def test_profile_attributes_kernels_by_launching_operators():
+    """Kernels get their category from their name and the ranges around their launch; idle is the span that no
+    kernel covers (two overlapping kernels count once)."""
+    prof = _load("profile_step")
+    host = [
+        _x(prof.STEP_RANGE, 0, 1000, "user_annotation"),
+        _x("aten::mm", 10, 20, "cpu_op"),
+        _x("cudaLaunchKernel", 12, 5, "cuda_runtime", correlation=1),
+        _x("LightningAttentionFunction", 40, 30, "cpu_op"),
+        _x("cuLaunchKernelEx", 45, 5, "cuda_driver", correlation=2),
+        _x("_VocabParallelCrossEntropy", 80, 30, "cpu_op"),
+        _x("aten::exp", 85, 10, "cpu_op"),
+        _x("cudaLaunchKernel", 87, 5, "cuda_runtime", correlation=3),
+        _x(prof.OPTIMIZER_RANGE, 200, 300, "user_annotation"),
+        _x("aten::_foreach_mul_", 210, 20, "cpu_op"),
+        _x("cudaLaunchKernel", 215, 5, "cuda_runtime", correlation=4),
+        _x("aten::add", 600, 10, "cpu_op"),
+        _x("cudaLaunchKernel", 602, 5, "cuda_runtime", correlation=5),
+        _x("cudaLaunchKernel", 606, 2, "cuda_runtime", correlation=6),
+        _x("cudaLaunchKernel", 1500, 2, "cuda_runtime", correlation=7),  # after the step: left out
+    ]
+    gpu = [
+        _x("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 100, 100, "kernel", tid=7, pid=0, correlation=1),
+        _x("_fwd_sweep_kernel", 200, 50, "kernel", tid=7, pid=0, correlation=2),
+        _x("void at::native::vectorized_elementwise_kernel<exp>", 250, 10, "kernel", tid=7, pid=0, correlation=3),
+        _x("multi_tensor_apply_kernel", 300, 40, "kernel", tid=7, pid=0, correlation=4),
+        _x("elementwise_kernel<add>", 400, 20, "kernel", tid=7, pid=0, correlation=5),
+        _x("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 410, 30, "kernel", tid=8, pid=0, correlation=6),
+        _x("late_kernel", 2000, 10, "kernel", tid=7, pid=0, correlation=7),
+    ]
+    items, span, busy = prof.work_items({"traceEvents": host + gpu}, on_gpu=True)
+    got = {i["name"][:12]: i["category"] for i in items}
+    assert got == {
+        "nvjet_tst_12": "gemm",
+        "_fwd_sweep_k": "lightning_attention",
+        "void at::nat": "cross_entropy",
+        "multi_tensor": "optimizer",
+        "elementwise_": "norm_elementwise",
+        "ncclDevKerne": "communication",
+    }
+    assert (span, busy) == (340, 100 + 50 + 10 + 40 + 40)  # 400-440 covered once by two kernels
+    result = prof.breakdown(items, span, busy)
+    assert result["categories"]["idle"]["ms"] == pytest.approx(0.1)
+    assert result["categories"]["gemm"]["percent"] == pytest.approx(100 * 100 / 340, abs=0.01)
+
+
+def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    megatron = tmp_path / "megatron"
+    megatron.mkdir(exist_ok=True)
+    (megatron / "pretrain_gpt.py").write_text(
+        "import os, sys\n"
+        "a = sys.argv\n"
+        "it, gbs = int(a[a.index('--train-iters') + 1]), int(a[a.index('--global-batch-size') + 1])\n"
+        "if os.environ.get('RANK', '0') == '0':\n"
+        "    for i in range(1, it + 1):\n"
+        "        print(f' iteration {i:8d}/{it:8d} | elapsed time per iteration (ms): 1000.0 | "
+        "throughput per GPU (TFLOP/s/GPU): 400.0 | global batch size: {gbs:5d} | lm loss: 1.0E+01 |')\n"
+        "    print('memory (MB) | allocated: 1 | max allocated: 46080.0 | reserved: 1')\n"
+    )
+    full = {**os.environ, "MEGATRON_LM": str(megatron), "PYTHON": sys.executable, "PORT": "29761", **env}
+    return subprocess.run(
+        ["bash", str(TOOLS / "bench_training.sh"), str(tmp_path / "out"), *args],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({}, ["a[$(touch pwned)]"], "SEQ a\\[\\$\\(touch\\ pwned\\)\\]: expected a positive integer"),
+        ({"GPU": "$(touch pwned)"}, ["2048"], "GPU=\\$\\(touch\\ pwned\\): expected one GPU index"),
+        ({"ITERS": "3"}, ["2048"], "ITERS=3: expected an integer >= 4"),
+        ({"MODELS": "tnl llama"}, ["2048"], "MODELS entry llama: expected tnl, gpt or tnl7b"),
+    ],
+)
+def test_bench_training_takes_values_not_code(tmp_path, monkeypatch, env, args, message):
+    monkeypatch.chdir(tmp_path)
+    done = _bench_training(tmp_path, env, *args)
+    assert done.returncode == 1 and message in done.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_bench_training_summary(tmp_path):
+    """One tnl-1b run at 2048 against the stand-in: 64k tokens per step in 1 s, TNL's own FLOPs per token."""
+    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "5"}, "2048")
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    # 3 x 2,062,680,064 FLOP per token (megatron_tnllm.flops, LRPE on layer 0) x 65,536 tokens in 1 s:
+    # 405.5 TFLOP/s, 41.0% of 989; 46080 MiB
+    assert rows[2] == "| tnl | 2048 | 1 | 1000.0 | 65,536 | 406 | 41.0% | 45.0 |"
