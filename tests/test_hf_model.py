@@ -51,7 +51,7 @@ def test_released_layout_names_and_shapes(model):
 
 
 def test_config_reads_released_7b_json():
-    released = {  # OpenNLPLab/TransNormerLLM-7B config.json (SPEC.md §3)
+    released = {  # OpenNLPLab/TransNormerLLM-7B config.json (docs/model.md §4)
         "architectures": ["TransnormerForCausalLM"], "model_type": "transnormer", "vocab_size": 64000,
         "decoder_embed_dim": 4096, "hidden_dim": 4096, "decoder_layers": 30, "decoder_attention_heads": 32,
         "glu_dim": 11008, "no_scale_embedding": True, "linear_use_lrpe_list": [1] + [0] * 29,

@@ -1,5 +1,6 @@
-"""The step-time model (tools/plan_step.py) against the H200 runs recorded in docs/training.md, its pipeline
-arithmetic, the launcher table it reads from examples/, and tools/bench_layer.py's CPU path."""
+"""The step-time model (megatron_tnllm.planning.step, tools/plan_step.py) against the H200 runs recorded in
+docs/training.md, its pipeline arithmetic, the launcher table it reads from examples/, and tools/bench_layer.py's
+CPU path."""
 
 import json
 import subprocess
@@ -9,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from megatron_tnllm.configs import get_preset
+from megatron_tnllm.planning import step as plan_step
+from megatron_tnllm.planning.memory import Layout
+from megatron_tnllm.planning.step import Cluster, launcher_layout, launchers, predict
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import plan_step  # noqa: E402
-from plan_memory import Layout  # noqa: E402
-from plan_step import Cluster, launcher_layout, launchers, predict  # noqa: E402
 
 # (what, preset, padded vocabulary, layout, measured seconds per step), one H200 per model-parallel rank.
 RECORDED = [

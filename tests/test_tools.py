@@ -1,16 +1,13 @@
 """FLOP counting and the memory planner, checked against parameter counts; the Megatron log reader."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from megatron_tnllm.configs import PRESETS, get_preset
 from megatron_tnllm.flops import CHUNK, tnl_forward_flops_per_token, tnl_training_flops
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from plan_memory import Layout, plan  # noqa: E402
+from megatron_tnllm.megatron_log import compare, parse
+from megatron_tnllm.planning.memory import Layout, activation_bytes_per_token_layer, main, plan
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -78,8 +75,6 @@ def test_planner_interleaving_holds_more_activations_on_the_first_stage():
 
 
 def plan_activation_bytes_per_layer(cfg, tokens):
-    from plan_memory import activation_bytes_per_token_layer
-
     return activation_bytes_per_token_layer(cfg) * tokens
 
 
@@ -96,8 +91,6 @@ def plan_activation_bytes_per_layer(cfg, tokens):
     ],
 )
 def test_planner_refuses_bad_values_in_one_line(capsys, argv, message):
-    from plan_memory import main
-
     with pytest.raises(SystemExit) as exit_:
         main(["--preset", "tnl-7b", *argv])
     assert exit_.value.code == 2
@@ -110,7 +103,6 @@ def test_planner_refuses_bad_values_in_one_line(capsys, argv, message):
 def test_megatron_log_undoes_the_first_interval_average(tmp_path):
     """Megatron averages a process's first iteration into its second log line; the parser recovers the
     second iteration's own loss and time (figures from a real resumed run: 3.420707 logged, 3.456290 true)."""
-    from megatron_log import compare, parse
 
     def line(i, ms, loss):
         return (

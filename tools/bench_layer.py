@@ -36,13 +36,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plan_memory import OVERHEAD, GiB, Layout, OneLineParser, activation_bytes_per_token_layer, plan  # noqa: E402
-from plan_step import launchers  # noqa: E402
-
-from megatron_tnllm.configs import TNLConfig, get_preset  # noqa: E402
+from megatron_tnllm.configs import TNLConfig, get_preset
+from megatron_tnllm.planning.memory import (
+    OVERHEAD,
+    GiB,
+    Layout,
+    OneLineParser,
+    activation_bytes_per_token_layer,
+    plan,
+)
+from megatron_tnllm.planning.step import launchers
 
 REAL_WIDTHS = ("tnl-385m", "tnl-1b", "tnl-7b", "tnl-65b", "tnl-175b")
 
@@ -142,6 +145,10 @@ def init_single_process(device: str) -> None:
         dist.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
+    if device != "cpu":  # Megatron draws initial weights under its CUDA RNG tracker's model-parallel state
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
 
 
 def model_options(bench: Bench) -> dict:

@@ -89,14 +89,14 @@ for model in "${models[@]}"; do
     [[ $model == tnl7b ]] && run tnl7b tnl-7b 4096 1 16 "$GPUS" 2
 done
 
-PYTHONPATH="$here:${PYTHONPATH:-}" "$PYTHON" - "$out/summary.md" "$PEAK_TFLOPS" "${runs[@]}" <<'EOF'
+"$PYTHON" - "$out/summary.md" "$PEAK_TFLOPS" "${runs[@]}" <<'EOF'
 """summary.md: one row per run (arguments: path, peak TFLOP/s, then model preset seq gbs gpus log per run)."""
 import sys
 from pathlib import Path
 
-from megatron_log import summary  # tools/, on PYTHONPATH
 from megatron_tnllm.configs import get_preset
 from megatron_tnllm.flops import tnl_forward_flops_per_token
+from megatron_tnllm.megatron_log import summary
 
 path, peak, rest = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 rows = ["| model | seq | GPUs | ms/step | tokens/s | TFLOP/s/GPU | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|"]

@@ -23,15 +23,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plan_memory import OneLineParser  # noqa: E402
-
-from megatron_tnllm.configs import PRESETS, TNLConfig, get_preset  # noqa: E402
-from megatron_tnllm.convert.hf_format import SafetensorsWriter, parse_size  # noqa: E402
-from megatron_tnllm.convert.layout import hf_config_from_tnl, hf_group_shapes  # noqa: E402
-from megatron_tnllm.hf.export import write_export_files  # noqa: E402
+from megatron_tnllm.configs import PRESETS, TNLConfig, get_preset
+from megatron_tnllm.convert.hf_format import SafetensorsWriter, parse_size
+from megatron_tnllm.convert.layout import hf_config_from_tnl, hf_group_shapes
+from megatron_tnllm.hf.export import write_export_files
+from megatron_tnllm.planning.memory import OneLineParser
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOCK = 16 * 2**20  # fp32 elements drawn at a time

@@ -1,4 +1,4 @@
-"""Command line of the converter: ``python -m megatron_tnllm.convert`` (= ``tools/convert_checkpoint.py``)."""
+"""Command line of the converter: ``python -m megatron_tnllm.convert``."""
 
 from __future__ import annotations
 

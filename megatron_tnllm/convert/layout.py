@@ -1,7 +1,7 @@
 """Tensor names, shapes and layouts of the Hugging Face and Megatron formats, and the config translation.
 
 A checkpoint is converted group by group: group 0 is the embedding, group i + 1 is decoder layer i. Inside the
-converter a group is a dict of Hugging Face names (the OpenNLPLab layout, SPEC.md §3) to tensors; this module
+converter a group is a dict of Hugging Face names (the OpenNLPLab layout, docs/model.md §4) to tensors; this module
 maps it to and from Megatron's torch_dist keys (global tensors, TP-invariant) and Megatron's per-rank layout
 (legacy ``torch`` format). Megatron keys of layer i (``hetereogenous_dist_checkpoint`` gives per-layer keys):
 
@@ -21,8 +21,7 @@ import torch
 
 from megatron_tnllm.configs import PRESETS, TNLConfig
 from megatron_tnllm.convert.errors import ConversionError
-from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig
-from megatron_tnllm.hf.modeling_transnormer import check_config
+from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig, check_config
 
 HF_EMBEDDING = "model.embed_tokens.weight"
 MEGATRON_EMBEDDING = "embedding.word_embeddings.weight"

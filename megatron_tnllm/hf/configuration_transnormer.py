@@ -1,4 +1,4 @@
-"""Configuration of TransNormerLLM in the layout of the released OpenNLPLab checkpoints (SPEC.md §3).
+"""Configuration of TransNormerLLM in the layout of the released OpenNLPLab checkpoints (docs/model.md §4).
 
 Self-contained (imports only transformers): exported Hugging Face directories carry this file as is.
 """
@@ -74,4 +74,28 @@ class TransnormerConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
+        )
+
+
+def check_config(config: TransnormerConfig) -> None:
+    """Rejects configs the released architecture does not define, naming the key and what is expected."""
+    expected = {
+        "hidden_dim": (config.hidden_dim, config.decoder_embed_dim, "decoder_embed_dim"),
+        "norm_type": (config.norm_type, "simplermsnorm", None),
+        "bias": (config.bias, False, None),
+    }
+    for key, (value, want, named) in expected.items():
+        if value != want:
+            raise ValueError(f"config {key}={value!r} is not supported; expected {named or repr(want)}")
+    if config.linear_act_fun not in ("swish", "silu"):
+        raise ValueError(f"config linear_act_fun={config.linear_act_fun!r} is not supported; expected 'swish'")
+    if config.decoder_embed_dim % config.decoder_attention_heads:
+        raise ValueError(
+            f"config decoder_embed_dim={config.decoder_embed_dim} is not divisible by "
+            f"decoder_attention_heads={config.decoder_attention_heads}"
+        )
+    lrpe = config.linear_use_lrpe_list
+    if lrpe and len(lrpe) != config.decoder_layers:
+        raise ValueError(
+            f"config linear_use_lrpe_list has {len(lrpe)} entries; expected one per layer ({config.decoder_layers})"
         )

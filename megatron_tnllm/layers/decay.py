@@ -1,4 +1,4 @@
-"""The fixed per-head decay of TNL's token mixer (SPEC.md §1): lambda = exp(-slope)."""
+"""The fixed per-head decay of TNL's token mixer (docs/model.md §1.1): lambda = exp(-slope)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LRPE, linearized relative positional encoding (SPEC.md §1).
+"""LRPE, linearized relative positional encoding (docs/model.md §1.2).
 
 x -> concat(x * cos(theta p), x * sin(theta p)) along the head dim, so that
 q'.k' = sum_c q_c k_c cos(theta_c (s - t)): relative, and invariant to a common position shift.

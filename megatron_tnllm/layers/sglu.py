@@ -1,4 +1,4 @@
-"""TNL's channel mixer, SGLU: l3(l1(x) * l2(x)), bias-free, no activation (SPEC.md §1)."""
+"""TNL's channel mixer, SGLU: l3(l1(x) * l2(x)), bias-free, no activation (docs/model.md §1)."""
 
 from __future__ import annotations
 

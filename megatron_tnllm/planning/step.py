@@ -1,0 +1,295 @@
+"""Predict the step time, tokens/s/GPU and MFU of a TNL pretraining layout (Megatron-Core, bf16, H200s).
+
+    python tools/plan_step.py --preset tnl-175b --tp 8 --sp --pp 12 --vpp 2 --dp 2 --mbs 1 --gbs 1536 --seq 2048
+    python tools/plan_step.py --launchers            # every examples/ launcher: the table of docs/scaling.md
+    python tools/plan_step.py --launchers --layer-times layers.json   # with tools/bench_layer.py's figures
+
+Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at tensor parallelism TP):
+
+* matrix products: 6 tokens (5 D^2 + 3 D G) / TP FLOPs at GEMM_EFFICIENCY x 989 TFLOP/s (x 4/3 with full
+  recompute), or tools/bench_layer.py's measured time of the same per-GPU products (``--layer-times``);
+* lightning attention: ATTENTION_S_PER_ELEMENT per token x D / TP (docs/benchmarks.md, B4_T8192_H32: 1.80 ms
+  fwd+bwd), x LRPE_ATTENTION on an LRPE layer; measured per shape with ``--layer-times``;
+* the rest (norms, SiLU, gating, residuals, casts): ELEMENTWISE_S per token x (D / (TP if SP else 1)
+  + (4 D + 3 G) / TP) elements, calibrated on tnl-1b; or the measured layer minus its products and attention;
+* the host: Megatron's local (non-Transformer-Engine) layer launches its kernels from Python; a layer's
+  forward + backward never takes less than HOST_S (HOST_TP_S with tensor parallelism), calibrated on tnl-385m;
+* tensor-parallel traffic (not overlapped without Transformer Engine): 8 collectives (4 forward, 4 backward:
+  all-gather / reduce-scatter with SP, all-reduce = both without) of tokens x D bf16, each moving
+  (TP - 1) / TP of it per GPU over NVLink (TP within a node) or InfiniBand.
+
+Per step: the pipeline runs m = GBS / (MBS DP) micro-batches through PP stages of L / PP layers (the first
+holds the LRPE layer, the last the logits: 6 tokens D V / TP FLOPs plus LOGIT_BYTES per logit for the fp32
+cross entropy), so it takes m x the slowest stage + (PP - 1) / VPP x the mean stage (1F1B's bubble, shrunk by
+the interleaved schedule), plus the point-to-point activation transfers of 1F1B (tokens x D / (TP if SP) bf16
+forward and backward per micro-batch; hidden by the interleaved schedule's overlap). The data-parallel
+gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed optimizer, (DP - 1) / DP of
+the stage's parameters each, overlap the last micro-batch's backward and the first forward
+(--overlap-grad-reduce / --overlap-param-gather); only what exceeds those is added (without the distributed
+optimizer: an fp32 all-reduce after the step). Adam costs OPTIMIZER_BYTES per parameter shard at HBM
+bandwidth, and each step STEP_S of host work (optimizer, gradient clipping, logging).
+
+Links (stated, not measured here): NVLink 4 of an H200 is 450 GB/s per direction, NCCL reaches about
+NVLINK_BW of it; across nodes each GPU has one 400 Gb/s InfiniBand NIC (8 per node), about IB_BW effective.
+Rank order is Megatron's tp-cp-dp-pp: a group crosses nodes when its stride times its size exceeds the node.
+Context parallelism divides the tokens; its exchange of attention states between ranks is not counted.
+
+MFU is model FLOPs (megatron_tnllm.flops, as logged with the FLOP patch) per GPU-second over 989 TFLOP/s
+(H200 dense bf16) and over the 790 TFLOP/s the H200 reached on large bf16 matrix products.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_tnllm.configs import TNLConfig, get_preset
+from megatron_tnllm.flops import tnl_forward_flops_per_token
+from megatron_tnllm.planning.memory import GiB, Layout, OneLineParser, add_layout_arguments, layout_from_args, plan
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the launchers of the repository (editable install)
+
+PEAK_FLOPS = 989e12  # H200 dense bf16
+MATMUL_CEILING = 790e12  # large bf16 matrix products measured on the H200
+HBM_BW = 4.0e12  # bytes/s reached by streaming kernels (the H200's 4.8 TB/s nominal)
+NVLINK_BW = 360e9  # bytes/s per GPU per direction for NCCL within a node (450 GB/s NVLink 4, ~80 %)
+IB_BW = 40e9  # bytes/s per GPU across nodes (one 400 Gb/s NIC per GPU, ~80 %)
+COLLECTIVE_LATENCY = 20e-6  # s per collective (NCCL launch and synchronisation)
+GPUS_PER_NODE = 8
+
+GEMM_EFFICIENCY = 0.75  # of PEAK_FLOPS on the layer's products (large shapes; bench_layer.py measures them)
+ATTENTION_S_PER_ELEMENT = 1.80e-3 / (4 * 8192 * 32 * 128)  # lightning attention fwd+bwd per token x head dim
+LRPE_ATTENTION = 2.58  # Dk = 2 dh against dh, fwd+bwd (docs/benchmarks.md)
+ELEMENTWISE_S = 6e-12  # s per element per layer fwd+bwd (calibrated: tnl-1b, 2k, one H200)
+HOST_S = 3.2e-3  # host floor of a layer's fwd+bwd, TP = 1 (calibrated: tnl-385m, one H200)
+HOST_TP_S = 4.8e-3  # the same with tensor parallelism (calibrated: tnl-385m, TP = 2)
+LOGIT_BYTES = 40  # HBM bytes per logit for the fp32 cross entropy, fwd+bwd
+OPTIMIZER_BYTES = 100  # HBM bytes per parameter shard for torch AdamW (foreach) and Megatron's copies
+STEP_S = 30e-3  # host work per step: optimizer, gradient clipping, logging (calibrated: tnl-385m)
+STEP_LAYER_S = 2.5e-3  # and per layer of the stage (the per-tensor loops of Megatron's no-apex fallbacks)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the layout runs: GPUs per node and whether TP / DP traffic overlaps compute."""
+
+    gpus_per_node: int = GPUS_PER_NODE
+    overlap_tp: bool = False  # Megatron overlaps TP traffic only with Transformer Engine's userbuffers
+    overlap_dp: bool = True  # --overlap-grad-reduce --overlap-param-gather (the launchers' setting)
+
+
+def _link(stride: int, size: int, cluster: Cluster) -> float:
+    """Per-GPU bandwidth of a group of ``size`` ranks ``stride`` apart."""
+    return NVLINK_BW if stride * size <= cluster.gpus_per_node else IB_BW
+
+
+def _measured(layer_times: dict | None, cfg: TNLConfig, lay: Layout) -> dict | None:
+    """The per-GPU shapes of tools/bench_layer.py's JSON that match this preset, TP and tokens, if any."""
+    if not layer_times:
+        return None
+    tokens = lay.mbs * lay.seq // lay.cp
+    for shape in layer_times.get("launcher_shapes", {}).values():
+        if shape["preset"] == cfg.name and shape["tp"] == lay.tp and shape["tokens"] == tokens:
+            width = layer_times.get("widths", {}).get(cfg.name)
+            return {"shape": shape, "width": width if width and width["tokens"] == tokens else None}
+    return None
+
+
+def layer_seconds(
+    cfg: TNLConfig, lay: Layout, lrpe: bool, layer_times: dict | None = None, cluster: Cluster = Cluster()
+) -> dict[str, float]:
+    """Seconds of one layer's forward + backward for one micro-batch on one GPU, by part."""
+    D, G, tp = cfg.hidden_size, cfg.glu_size, lay.tp
+    tokens = lay.mbs * lay.seq // lay.cp
+    recompute = 4 / 3 if lay.recompute == "full" else 1.0
+    elements = tokens * (D / (tp if lay.sp else 1) + (4 * D + 3 * G) / tp)
+    measured = _measured(layer_times, cfg, lay)
+    if measured:
+        shape = measured["shape"]
+        gemm = shape["products"]["total"]["ms"] * 1e-3 * recompute
+        attention = shape["attention_lrpe_ms" if lrpe else "attention_ms"] * 1e-3 * recompute
+        width = measured["width"]  # the whole layer at TP = 1: its non-GEMM time, scaled to these widths
+        if width:
+            full = width["tokens"] * (5 * D + 3 * G)  # `elements` at TP = 1
+            rest = width["overhead_lrpe_ms" if lrpe else "overhead_ms"] * 1e-3 * elements / full * recompute
+        else:
+            rest = ELEMENTWISE_S * elements * recompute
+    else:
+        gemm = 6 * tokens * (5 * D * D + 3 * D * G) / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) * recompute
+        attention = ATTENTION_S_PER_ELEMENT * tokens * D / tp * (LRPE_ATTENTION if lrpe else 1) * recompute
+        rest = ELEMENTWISE_S * elements * recompute
+    compute = gemm + attention + rest
+    host = (HOST_TP_S if tp > 1 else HOST_S) * recompute
+    collectives = (12 if lay.recompute == "full" else 8) if tp > 1 else 0
+    tp_comm = collectives * ((tp - 1) / tp * tokens * D * 2 / _link(1, tp, cluster) + COLLECTIVE_LATENCY)
+    total = max(compute, host, tp_comm) if cluster.overlap_tp else max(compute, host) + tp_comm
+    return {"gemm": gemm, "attention": attention, "other": rest, "host": host, "tp_comm": tp_comm, "total": total}
+
+
+def predict(
+    cfg: TNLConfig, lay: Layout, cluster: Cluster = Cluster(), layer_times: dict | None = None
+) -> dict[str, float]:
+    """Step time (s), tokens/s/GPU, model TFLOP/s per GPU, MFU and the parts of the step."""
+    plan(cfg, lay)  # the layout checks
+    D, V, tp, pp, dp, cp = cfg.hidden_size, cfg.vocab_size, lay.tp, lay.pp, lay.dp, lay.cp
+    m = lay.num_microbatches
+    tokens = lay.mbs * lay.seq // cp
+    layers = cfg.num_layers // pp
+    plain = layer_seconds(cfg, lay, False, layer_times, cluster)
+    lrpe = layer_seconds(cfg, lay, True, layer_times, cluster)
+    n_lrpe_first = sum(1 for i in cfg.lrpe_layers if i < layers)
+    first = (layers - n_lrpe_first) * plain["total"] + n_lrpe_first * lrpe["total"]
+    logits = 6 * tokens * D * V / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) + LOGIT_BYTES * tokens * V / tp / HBM_BW
+    last = layers * plain["total"] + logits if pp > 1 else first + logits
+    middle = layers * plain["total"]
+    stages = [first, last] + [middle] * (pp - 2) if pp > 1 else [first + logits]
+    slowest, mean = max(stages), sum(stages) / len(stages)
+    bubble = (pp - 1) / lay.vpp * mean
+    p2p = 0.0
+    if pp > 1 and lay.vpp == 1:  # blocking send/recv of 1F1B; the interleaved schedule overlaps them
+        act = tokens * D * 2 / (tp if lay.sp else 1)
+        p2p = m * 2 * act / _link(tp * cp * dp, pp, cluster)
+    pipeline = m * slowest + bubble + p2p
+    # parameters of the busiest stage (the first: embedding and LRPE), per GPU
+    params = (layers * (5 * D * D + 3 * D * cfg.glu_size) + V * D) / tp
+    shard = params / (dp * cp) if lay.distributed_optimizer else params
+    link = _link(tp * cp, dp, cluster)
+    ring = (dp - 1) / dp
+    if dp == 1:
+        dp_exposed = 0.0
+    elif lay.distributed_optimizer:
+        reduce_scatter = 4 * params * ring / link
+        all_gather = 2 * params * ring / link
+        if cluster.overlap_dp:  # behind the last backward and the first forward of a micro-batch
+            dp_exposed = max(0.0, reduce_scatter - 2 / 3 * slowest) + max(0.0, all_gather - 1 / 3 * slowest)
+        else:
+            dp_exposed = reduce_scatter + all_gather
+    else:
+        all_reduce = 2 * 4 * params * ring / link
+        dp_exposed = max(0.0, all_reduce - 2 / 3 * slowest) if cluster.overlap_dp else all_reduce
+    optimizer = OPTIMIZER_BYTES * shard / HBM_BW
+    host = STEP_S + STEP_LAYER_S * layers
+    step = pipeline + dp_exposed + optimizer + host
+    gpus = tp * pp * dp * cp
+    global_tokens = lay.mbs * lay.seq * m * dp
+    flops = (
+        3
+        * tnl_forward_flops_per_token(cfg.num_layers, D, cfg.num_heads, cfg.glu_size, V, len(cfg.lrpe_layers))
+        * global_tokens
+    )
+    per_gpu = flops / step / gpus
+    return {
+        "gpus": gpus,
+        "step_s": step,
+        "tokens_per_s_per_gpu": global_tokens / step / gpus,
+        "tflops_per_gpu": per_gpu / 1e12,
+        "mfu": per_gpu / PEAK_FLOPS,
+        "mfu_of_matmul_ceiling": per_gpu / MATMUL_CEILING,
+        "days_per_trillion_tokens": 1e12 / (global_tokens / step) / 86400,
+        "pipeline_s": pipeline,
+        "bubble_s": bubble,
+        "p2p_s": p2p,
+        "dp_exposed_s": dp_exposed,
+        "optimizer_s": optimizer,
+        "step_host_s": host,
+        "layer_s": plain["total"],
+        "layer_gemm_s": plain["gemm"],
+        "layer_tp_comm_s": plain["tp_comm"],
+        "logits_s": logits,
+    }
+
+
+_DEFAULT = re.compile(r"\$\{(\w+):=([^}]*)\}")
+
+
+def launchers(directory: Path = EXAMPLES) -> list[dict]:
+    """The layouts of examples/pretrain_tnl_*.sh / .sbatch: their ``${VAR:=default}`` values and SBATCH nodes."""
+    out = []
+    for path in sorted(directory.glob("pretrain_tnl_*")):
+        text = path.read_text()
+        values = dict(_DEFAULT.findall(text))
+        nodes = re.search(r"^#SBATCH --nodes=(\d+)", text, re.M)
+        out.append({
+            "name": path.name,
+            "preset": values["PRESET"],
+            "nodes": int(nodes.group(1)) if nodes else 1,
+            "gpus_per_node": int(values.get("GPUS_PER_NODE", GPUS_PER_NODE)),
+            "tp": int(values["TP"]), "pp": int(values["PP"]), "vpp": int(values.get("VPP", 1)),
+            "cp": int(values.get("CP", 1)), "sp": values["SP"] == "1",
+            "mbs": int(values["MBS"]), "gbs": int(values["GBS"]), "seq": int(values["SEQ"]),
+            "recompute": values["RECOMPUTE"], "distopt": values["DISTOPT"] == "1",
+        })  # fmt: skip
+    order = {name: i for i, name in enumerate(("tnl-385m", "tnl-1b", "tnl-3b", "tnl-7b", "tnl-13b", "tnl-65b"))}
+    return sorted(out, key=lambda lay: order.get(lay["preset"], len(order)))
+
+
+def launcher_layout(lay: dict) -> Layout:
+    gpus = lay["nodes"] * lay["gpus_per_node"]
+    dp = gpus // (lay["tp"] * lay["pp"] * lay["cp"])
+    return Layout(
+        tp=lay["tp"], pp=lay["pp"], dp=dp, cp=lay["cp"], sp=lay["sp"], mbs=lay["mbs"], seq=lay["seq"],
+        num_microbatches=lay["gbs"] // (lay["mbs"] * dp), recompute=lay["recompute"],
+        distributed_optimizer=lay["distopt"], vpp=lay["vpp"],
+    )  # fmt: skip
+
+
+def launcher_table(layer_times: dict | None = None, vocab_size: int = 64000) -> str:
+    """The Markdown table of docs/scaling.md: every launcher's GPUs, memory and predicted speed."""
+    rows = [
+        "| launcher | GPUs | TP / PP / VPP / DP, SP | micro-batches | GiB per GPU | step s | tokens/s/GPU "
+        "| TFLOP/s/GPU | MFU (989) | of 790 | bubble | days per 10^12 tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for lay in launchers():
+        cfg = get_preset(lay["preset"]).replace(vocab_size=vocab_size)
+        layout = launcher_layout(lay)
+        r = predict(cfg, layout, Cluster(lay["gpus_per_node"]), layer_times)
+        memory = plan(cfg, layout)["total"] / GiB
+        rows.append(
+            f"| `{lay['name']}` | {r['gpus']} | {layout.tp} / {layout.pp} / {layout.vpp} / {layout.dp}"
+            f"{', SP' if layout.sp else ''} | {layout.num_microbatches} | {memory:.0f} | {r['step_s']:.2f} "
+            f"| {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} | {r['mfu']:.1%} "
+            f"| {r['mfu_of_matmul_ceiling']:.1%} | {r['bubble_s'] / r['step_s']:.1%} "
+            f"| {r['days_per_trillion_tokens']:.1f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None, prog: str = "plan_step.py") -> int:
+    """The command line of ``tools/plan_step.py``: one layout's prediction, or the table of every launcher."""
+    p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--launchers", action="store_true", help="print the prediction for every launcher of examples/")
+    p.add_argument("--layer-times", type=Path, help="tools/bench_layer.py layers JSON (measured per-layer times)")
+    p.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE)
+    p.add_argument("--overlap-tp", action="store_true", help="TP traffic hidden behind compute (Transformer Engine)")
+    p.add_argument("--no-overlap-dp", action="store_true", help="DP reduce-scatter / all-gather not overlapped")
+    p.add_argument("--vocab-size-table", type=int, default=64000, help="with --launchers: the vocabulary")
+    add_layout_arguments(p, preset_required=False)
+    args = p.parse_args(argv)
+    if args.launchers == (args.preset is not None):
+        p.error("expected either --preset (and a layout) or --launchers")
+    layer_times = None
+    if args.layer_times:
+        try:
+            layer_times = json.loads(args.layer_times.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"cannot read --layer-times {args.layer_times}: {e}")
+    if args.gpus_per_node < 1:
+        p.error(f"--gpus-per-node {args.gpus_per_node}: expected a positive integer")
+    if args.launchers:
+        print(launcher_table(layer_times, args.vocab_size_table))
+        return 0
+    cfg, lay = layout_from_args(p, args)
+    r = predict(cfg, lay, Cluster(args.gpus_per_node, args.overlap_tp, not args.no_overlap_dp), layer_times)
+    print(
+        f"{cfg.name}: {r['gpus']} GPUs, step {r['step_s']:.3f} s, {r['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+        f"{r['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {r['mfu']:.1%} of 989 ({r['mfu_of_matmul_ceiling']:.1%} of 790), "
+        f"{r['days_per_trillion_tokens']:.1f} days per 10^12 tokens"
+    )
+    for key in ("pipeline_s", "bubble_s", "p2p_s", "dp_exposed_s", "optimizer_s", "layer_s", "layer_gemm_s",
+                "layer_tp_comm_s", "logits_s"):  # fmt: skip
+        print(f"  {key:<16} {r[key] * 1e3:10.2f} ms")
+    return 0
