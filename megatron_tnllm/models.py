@@ -30,6 +30,10 @@ def build_model(preset_or_config: str | TNLConfig, *, vp_stage: int | None = Non
     ...) and any ``TransformerConfig`` field (``params_dtype``, ``sequence_parallel``,
     ``use_cpu_initialization``, ...). Parallel sizes come from ``megatron.core.parallel_state``,
     which must be initialised. Embedding and output weights are tied, as in the HF checkpoints.
+
+    With a virtual pipeline (``initialize_model_parallel(virtual_pipeline_model_parallel_size=V)``) this is
+    the rank's model chunk ``vp_stage`` (0..V-1): its global layers, the embedding only on the first chunk of
+    the first stage and the output layer only on the last chunk of the last stage.
     """
     tnl, megatron_overrides = resolve_config(preset_or_config, **overrides)
     if not parallel_state.model_parallel_is_initialized():
@@ -40,6 +44,11 @@ def build_model(preset_or_config: str | TNLConfig, *, vp_stage: int | None = Non
         pipeline_model_parallel_size=pp_size,
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
     )
+    vpp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp_size is not None and vp_stage is None:
+        raise ValueError(f"virtual pipeline of size {vpp_size}: build_model needs vp_stage (0..{vpp_size - 1})")
+    if vpp_size is not None:
+        fields["virtual_pipeline_model_parallel_size"] = vpp_size
     fields.update(megatron_overrides)
     if pp_size > 1:
         fields.setdefault("pipeline_dtype", fields.get("params_dtype", torch.float32))

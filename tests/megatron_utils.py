@@ -35,6 +35,15 @@ def load_checkpoint(model, path) -> None:
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path)))
 
 
+def load_chunks(chunks, path) -> None:
+    """Load a torch_dist checkpoint into all virtual-pipeline model chunks of this rank at once, as pretrain_gpt.py
+    does (chunk v under "model{v}"): loads are collective, and a tensor's main replica may sit in another rank's
+    other chunk (the tied embedding and output layer)."""
+    state = dist_checkpointing.load({f"model{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}, str(path))
+    for v, c in enumerate(chunks):
+        c.load_state_dict(state[f"model{v}"])
+
+
 def grads_into_params(model) -> None:
     """Replace every parameter by its gradient, so that a checkpoint of the model stores gradients
     (and dist-checkpointing reshards them like weights)."""

@@ -31,6 +31,21 @@ def test_patch_applies(patch, tmp_path):
     apply(patch, tmp_path)
 
 
+@pytest.mark.parametrize("patch", PATCHES, ids=[p.name for p in PATCHES])
+def test_patched_files_of_the_wheel_are_the_tags(patch):
+    """Each file a patch changes is, in the installed megatron-core, the git blob the patch was made from (its
+    `index` line; made against the core_v0.19.0 checkout), so the patch means the same in both."""
+    lines = patch.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("diff --git a/"):
+            path = line.split()[2][len("a/") :]
+            blob = next(x for x in lines[i + 1 :] if x.startswith("index ")).split()[1].split("..")[0]
+            wheel = subprocess.run(
+                ["git", "hash-object", str(MEGATRON.parent / path)], capture_output=True, text=True, check=True
+            ).stdout.strip()
+            assert wheel.startswith(blob), f"{path}: the wheel's file is blob {wheel}, the patch was made from {blob}"
+
+
 def test_flops_patch_reports_tnl_flops(tmp_path):
     apply(Path(__file__).resolve().parents[1] / "patches" / "core_v0.19.0-tnl-flops.patch", tmp_path)
     path = tmp_path / "megatron/training/training.py"

@@ -4,15 +4,17 @@
 #
 #   MEGATRON_LM=third_party/Megatron-LM tools/check_training.sh OUT_DIR STEP
 #
-# STEP "convergence" (GPU 0): tnl-385m, 200 iterations on Tiny Shakespeare with deterministic settings,
-#   checkpoints at 100 and 200; then resume from iteration 100 to 120 and compare the losses.
+# STEP "convergence" (GPUS GPUs, default 1; data parallel with the distributed optimizer): tnl-385m, 200 iterations
+#   on Tiny Shakespeare with deterministic settings, checkpoints at 100 and 200; then resume from iteration 100 to
+#   120 in a new process and compare the losses (logs NGPUgpu.log and NGPUgpu_resume100.log).
 # STEP "layouts" (GPUs 0, 1): the first 20 iterations on 1 GPU, at TP=2, TP=2 + SP, PP=2 and DP=2 with the
 #   distributed optimizer, all starting from one initial checkpoint (a random tnl-385m converted with
 #   megatron_tnllm.convert and loaded with --finetune: Megatron would otherwise draw other initial weights per
 #   TP rank and pipeline stage).
 # STEP "reshard" (GPUs 0, 1): the TP=2 run's checkpoint at iteration 20 (made first if missing) resumed at PP=2
 #   to iteration 30, compared with the TP=2 run's own iterations 21-30.
-# All runs: micro-batch 4, global batch 8, sequence 2048, bf16, seed 1234, --deterministic-mode.
+# All runs: micro-batch 4, global batch 8, sequence 2048, bf16, seed 1234, --deterministic-mode, the distributed
+# optimizer (Megatron-LM with patches/ applied: tools/offline_gpu_setup.sh).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR convergence|layouts|reshard}
 step=${2:?usage: $0 OUT_DIR convergence|layouts|reshard}
@@ -34,13 +36,13 @@ run() {  # run NAME GPUS [VAR=VALUE ...] -- [pretrain_gpt.py args]: tnl-385m, se
 
 case $step in
 convergence)
-    # Megatron core_v0.19.0 cannot reload a distributed-optimizer checkpoint of torch's AdamW (the fallback
-    # without Transformer Engine or apex): its load template asserts a single Adam step on an empty state.
-    run 1gpu 1 SAVE_INTERVAL=100 DISTOPT=0 --
-    run 1gpu_resume100 1 DISTOPT=0 -- --load "$work/1gpu" --ckpt-step 100 --save "$work/1gpu_resume100" --exit-interval 120
+    name=${GPUS:-1}gpu
+    run "$name" "${GPUS:-1}" SAVE_INTERVAL=100 --
+    run "${name}_resume100" "${GPUS:-1}" -- --load "$work/$name" --ckpt-step 100 --save "$work/${name}_resume100" \
+        --exit-interval 120
     # 1e-6, not 0: the resumed run's iteration 102 is recovered from Megatron's averaged log line (see
     # tools/megatron_log.py), exact to the 7 printed digits
-    "${compare[@]}" "$out/1gpu.log" "$out/1gpu_resume100.log" --iters 101-120 --tol 1e-6
+    "${compare[@]}" "$out/$name.log" "$out/${name}_resume100.log" --iters 101-120 --tol 1e-6
     ;;
 layouts|reshard)
     if [[ ! -f $work/init/latest_checkpointed_iteration.txt ]]; then
@@ -60,18 +62,20 @@ PY
             --tensor-model-parallel-size 2 > "$out/init.log" 2>&1 || { echo "initial checkpoint failed" >&2; exit 1; }
     fi
     init=(--load "$work/init" --finetune)
+    # The TP=2 checkpoint is resumed at PP=2: the distributed optimizer's default checkpoint format
+    # (dp_reshardable) reshards only across data-parallel ranks, the fully reshardable one across TP and PP too.
+    tp2=(TP=2 SP=0 SAVE_INTERVAL=20 -- "${init[@]}" --exit-interval 30 --dist-ckpt-optim-fully-reshardable)
     if [[ $step == reshard ]]; then
-        [[ -f $work/tp2/latest_checkpointed_iteration.txt && -f $out/tp2.log ]] \
-            || run tp2 2 TP=2 SP=0 DISTOPT=0 SAVE_INTERVAL=20 -- "${init[@]}" --exit-interval 30
-        run tp2_to_pp2 2 PP=2 DISTOPT=0 -- --load "$work/tp2" --ckpt-step 20 --save "$work/tp2_to_pp2" --exit-interval 30
+        [[ -f $work/tp2/latest_checkpointed_iteration.txt && -f $out/tp2.log ]] || run tp2 2 "${tp2[@]}"
+        run tp2_to_pp2 2 PP=2 -- --load "$work/tp2" --ckpt-step 20 --save "$work/tp2_to_pp2" --exit-interval 30
         "${compare[@]}" "$out/tp2.log" "$out/tp2_to_pp2.log" --iters 21-30 --tol "$BF16_TOL"
         exit
     fi
-    run 1gpu20 1 DISTOPT=0 -- "${init[@]}" --exit-interval 20
-    run tp2 2 TP=2 SP=0 DISTOPT=0 SAVE_INTERVAL=20 -- "${init[@]}" --exit-interval 30
-    run tp2_sp 2 TP=2 SP=1 DISTOPT=0 -- "${init[@]}" --exit-interval 20
-    run pp2 2 PP=2 DISTOPT=0 -- "${init[@]}" --exit-interval 20
-    run dp2_distopt 2 DISTOPT=1 -- "${init[@]}" --exit-interval 20
+    run 1gpu20 1 -- "${init[@]}" --exit-interval 20
+    run tp2 2 "${tp2[@]}"
+    run tp2_sp 2 TP=2 SP=1 -- "${init[@]}" --exit-interval 20
+    run pp2 2 PP=2 -- "${init[@]}" --exit-interval 20
+    run dp2_distopt 2 -- "${init[@]}" --exit-interval 20
     "${compare[@]}" "$out/1gpu20.log" "$out/tp2.log" "$out/tp2_sp.log" "$out/pp2.log" "$out/dp2_distopt.log" --iters 1-20 \
         --tol "$BF16_TOL"
     ;;

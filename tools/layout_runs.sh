@@ -1,20 +1,53 @@
-# Sourced by tools/check_training.sh and tools/check_scaling.sh: one launcher run with its own log.
+# Sourced by tools/check_training.sh, tools/check_scaling.sh and tools/check_faults.sh: one launcher run with its
+# own log.
 #
 #   layout_run NAME GPUS LAUNCHER [VAR=VALUE ...] -- [pretrain_gpt.py args]
 #
 # Runs examples/LAUNCHER on GPUs 0..GPUS-1 with the layout variables given (TP=2 SP=1 ...), checkpoints in
 # $work/NAME, output in $out/NAME.log, and prints the log's summary (tools/megatron_log.py). Needs $here (the
-# repository root), $out, $work and $PYTHON.
+# repository root), $out, $work and $PYTHON. CKPT=DIR among the variables checkpoints in $work/DIR instead (a
+# restart of another run); layout_start is the same in the background (its pid in $layout_pid).
 layout_run() {
-    local name=$1 gpus=$2 launcher=$3
+    layout_start "$@"
+    wait "$layout_pid"
+    echo "   exit $? $("$PYTHON" "$here/tools/megatron_log.py" "$out/$1.log")"
+}
+
+layout_start() {
+    local name=$1 gpus=$2 launcher=$3 ckpt=$1
     shift 3
     local vars=()
-    while [[ $1 != -- ]]; do vars+=("$1"); shift; done
+    while [[ $1 != -- ]]; do
+        if [[ $1 == CKPT=* ]]; then ckpt=${1#CKPT=}; else vars+=("$1"); fi
+        shift
+    done
     shift
     echo "== $name: $gpus GPU(s) ${vars[*]} $*"
-    env GPUS_PER_NODE="$gpus" CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" CKPT_DIR="$work/$name" "${vars[@]}" \
-        bash "$here/examples/$launcher" "$@" > "$out/$name.log" 2>&1
-    echo "   exit $? $("$PYTHON" "$here/tools/megatron_log.py" "$out/$name.log")"
+    env GPUS_PER_NODE="$gpus" CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((gpus - 1)))" CKPT_DIR="$work/$ckpt" "${vars[@]}" \
+        bash "$here/examples/$launcher" "$@" > "$out/$name.log" 2>&1 &
+    layout_pid=$!
+}
+
+children() {  # children PID: the ids of its child processes
+    if command -v ps >/dev/null; then ps -o pid= --ppid "$1"; else cat /proc/"$1"/task/*/children 2>/dev/null; fi
+}
+
+# kill_run PID: SIGKILL for PID and every process below it, as a machine failure would. torchrun starts each
+# worker in its own session, so a process group does not reach them: stop the tree until it stops growing (a
+# stopped process cannot fork), then kill all of it at once.
+kill_run() {
+    local pids=() seen=0 pid i
+    while :; do
+        pids=("$1")
+        for ((i = 0; i < ${#pids[@]}; i++)); do
+            for pid in $(children "${pids[i]}"); do pids+=("$pid"); done
+        done
+        kill -STOP "${pids[@]}" 2>/dev/null
+        (( ${#pids[@]} == seen )) && break
+        seen=${#pids[@]}
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null
+    wait "$1" 2>/dev/null
 }
 
 # The Tiny Shakespeare data of examples/prepare_data.sh in ${DATA_DIR:-/tmp/tnl_data}, made once.

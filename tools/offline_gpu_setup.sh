@@ -5,7 +5,8 @@
 #
 #   MEGATRON_LM=third_party/Megatron-LM source tools/offline_gpu_setup.sh
 #
-# Installs the wheels into /tmp/site and puts it and this repository on PYTHONPATH, applies patches/ to the checkout, and
+# Installs the wheels into /tmp/site and puts it and this repository on PYTHONPATH, applies patches/ to the checkout
+# (the TNL FLOP count in the training log; the distributed optimizer's resume without Transformer Engine), and
 # makes sure Megatron's C++ dataset helpers can be built there (otherwise it uses the compiled ones of the
 # megatron-core wheel by running pretrain_gpt.py from a folder holding only the checkout's scripts).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -25,10 +26,13 @@ apply_patches() {  # apply_patches DIR: each patch once (git apply, else GNU pat
             patch -d "$1" -p1 -N -s < "$patch" || { echo "cannot apply $patch in $1" >&2; return 1; }
         fi
     done
+    local file
+    for file in $(sed -n 's#^+++ b/##p' "$repo"/patches/*.patch | sort -u); do  # each patched file has its marks
+        grep -q megatron-tnllm "$1/$file" || { echo "patches/ not applied to $1/$file" >&2; return 1; }
+    done
 }
 if [[ -d $MEGATRON_LM/megatron ]]; then  # a checkout (not the scripts-only folder of an earlier run)
     apply_patches "$MEGATRON_LM" || return 1
-    grep -q megatron-tnllm "$MEGATRON_LM/megatron/training/training.py" || { echo "patches/ not applied" >&2; return 1; }
     if ! make -s -C "$MEGATRON_LM/megatron/core/datasets" >/dev/null 2>&1 \
             || ! (cd "$MEGATRON_LM" && python3 -c "from megatron.core.datasets import helpers_cpp") 2>/dev/null; then
         scripts=/tmp/megatron_scripts
