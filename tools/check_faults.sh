@@ -20,7 +20,11 @@
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR}
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
-gpus=${GPUS:-2} iters=${TRAIN_ITERS:-50} every=${SAVE_INTERVAL:-20} kill_at=${KILL_AT:-30}
+gpus=${GPUS:-2} iters=${TRAIN_ITERS:-50} every=${SAVE_INTERVAL:-20} kill_at=${KILL_AT:-30} port=${MASTER_PORT:-29500}
+for var in gpus iters every kill_at port; do  # values, not code: checked before any arithmetic sees them
+    [[ ${!var} =~ ^[1-9][0-9]{0,4}$ ]] || { printf '%s: %s=%q: expected a positive integer\n' "${0##*/}" "$var" "${!var}" >&2; exit 2; }
+done
+(( port <= 65531 )) || { echo "${0##*/}: MASTER_PORT=$port: expected at most 65531 (each run takes the next port)" >&2; exit 2; }
 (( every < kill_at && kill_at < 2 * every && 2 * every < iters )) || {
     echo "need SAVE_INTERVAL < KILL_AT < 2 x SAVE_INTERVAL < TRAIN_ITERS (got $every, $kill_at, $iters)" >&2
     exit 2
@@ -36,7 +40,7 @@ mkdir -p "$work"
 source "$here/tools/layout_runs.sh"
 ensure_data
 args=(-- --seed 1234 --deterministic-mode)
-port=${MASTER_PORT:-29500}  # each run its own rendezvous port: a killed run's may not be free again yet
+# port: each run its own rendezvous port: a killed run's may not be free again yet
 failed=0
 fail() { echo "FAIL: $*"; failed=1; }
 tracker() { cat "$work/$1/latest_checkpointed_iteration.txt" 2>/dev/null || echo none; }

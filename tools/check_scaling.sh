@@ -24,6 +24,7 @@ step=${2:?usage: $0 OUT_DIR 7b|weak|13b|cp|vpp}
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 TRAIN_ITERS=200 LR=3e-4
 gpus=${GPUS:-8}
+[[ $gpus =~ ^[1-9][0-9]{0,2}$ ]] || { printf '%s: GPUS=%q: expected a positive integer\n' "${0##*/}" "$gpus" >&2; exit 2; }
 work=${WORK_DIR:-/tmp/tnl_runs}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$out" "$work"
@@ -37,8 +38,8 @@ BF16_TOL=3.9e-3  # one bf16 rounding (2^-8) of relative loss difference, as in t
 seeded=(--seed 1234 --deterministic-mode)
 
 tokens_per_gpu() {  # tokens_per_gpu LOG TOKENS_PER_STEP GPUS: tokens/s/GPU from the median step time
-    "$PYTHON" -c "import json, sys; s = json.loads(sys.argv[1]); print(round($2 / (s['median_ms'] / 1e3) / $3))" \
-        "$("$PYTHON" "$here/tools/megatron_log.py" "$1")"
+    "$PYTHON" -c 'import json, sys; s = json.loads(sys.argv[1]); print(round(int(sys.argv[2]) / (s["median_ms"] / 1e3) / int(sys.argv[3])))' \
+        "$("$PYTHON" "$here/tools/megatron_log.py" "$1")" "$2" "$3"
 }
 
 case $step in
@@ -47,8 +48,8 @@ case $step in
     layout_run init7b 8 pretrain_tnl_7b.sh TP=8 DISTOPT=0 "${common[@]}" -- "${seeded[@]}" --exit-interval 1 \
         --no-save-optim --no-save-rng
     init=(--load "$work/init7b" --finetune --exit-interval 20 --no-save-optim --no-save-rng "${seeded[@]}")
-    layout_run tp8 8 pretrain_tnl_7b.sh TP=8 DISTOPT=0 "${common[@]}" -- "${init[@]}"
-    layout_run tp4_pp2 8 pretrain_tnl_7b.sh TP=4 PP=2 DISTOPT=0 "${common[@]}" -- "${init[@]}"
+    layout_run tp8 8 pretrain_tnl_7b.sh TP=8 "${common[@]}" -- "${init[@]}"
+    layout_run tp4_pp2 8 pretrain_tnl_7b.sh TP=4 PP=2 "${common[@]}" -- "${init[@]}"
     layout_run tp2_pp2_dp2 8 pretrain_tnl_7b.sh TP=2 PP=2 DISTOPT=1 "${common[@]}" -- "${init[@]}"
     for name in tp8 tp4_pp2 tp2_pp2_dp2; do
         echo "$name: $(tokens_per_gpu "$out/$name.log" $((16 * 4096)) 8) tokens/s/GPU"
@@ -61,7 +62,7 @@ weak)
             --exit-interval 12 --no-save-optim --no-save-rng
         tps=$(tokens_per_gpu "$out/weak_dp$n.log" $((16 * n * 2048)) "$n")
         (( n == 1 )) && base=$tps
-        echo "DP=$n: $tps tokens/s/GPU, efficiency $("$PYTHON" -c "print(f'{$tps / $base:.3f}')")"
+        echo "DP=$n: $tps tokens/s/GPU, efficiency $("$PYTHON" -c 'import sys; print(f"{int(sys.argv[1]) / int(sys.argv[2]):.3f}")' "$tps" "$base")"
     done
     ;;
 13b)
@@ -84,8 +85,8 @@ cp)
     layout_run init1b 1 pretrain_tnl_1b.sh DISTOPT=0 "${short[@]}" -- "${seeded[@]}" --exit-interval 1 --no-save-optim \
         --no-save-rng
     init=(--load "$work/init1b" --finetune --exit-interval 20 --no-save-optim --no-save-rng "${seeded[@]}")
-    layout_run cp1_16k 1 pretrain_tnl_1b.sh DISTOPT=0 "${short[@]}" -- "${init[@]}"
-    layout_run cp${gpus}_16k "$gpus" pretrain_tnl_1b.sh CP="$gpus" DISTOPT=0 "${short[@]}" -- "${init[@]}"
+    layout_run cp1_16k 1 pretrain_tnl_1b.sh "${short[@]}" -- "${init[@]}"
+    layout_run cp${gpus}_16k "$gpus" pretrain_tnl_1b.sh CP="$gpus" "${short[@]}" -- "${init[@]}"
     "${compare[@]}" "$out/cp1_16k.log" "$out/cp${gpus}_16k.log" --iters 1-20 --tol "$BF16_TOL"
     ;;
 vpp)
@@ -95,7 +96,7 @@ vpp)
         --no-save-optim --no-save-rng
     init=(--load "$work/init1b_vpp" --finetune --exit-interval 20 --no-save-optim --no-save-rng "${seeded[@]}")
     for vpp in 1 2; do
-        layout_run pp4_vpp$vpp "$gpus" pretrain_tnl_1b.sh PP=4 VPP=$vpp DISTOPT=0 MBS=2 GBS=$gbs SEQ=2048 -- "${init[@]}"
+        layout_run pp4_vpp$vpp "$gpus" pretrain_tnl_1b.sh PP=4 VPP=$vpp MBS=2 GBS=$gbs SEQ=2048 -- "${init[@]}"
         echo "PP=4 VPP=$vpp DP=$dp: $(tokens_per_gpu "$out/pp4_vpp$vpp.log" $((gbs * 2048)) "$gpus") tokens/s/GPU," \
             "predicted: $("$PYTHON" "$here/tools/plan_step.py" --preset tnl-1b --vocab-size 8192 --pp 4 --vpp $vpp \
             --dp $dp --mbs 2 --gbs $gbs --seq 2048 --no-distributed-optimizer | sed -n 1p)"

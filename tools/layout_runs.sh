@@ -15,6 +15,7 @@ layout_run() {
 
 layout_start() {
     local name=$1 gpus=$2 launcher=$3 ckpt=$1
+    [[ $gpus =~ ^[1-9][0-9]{0,2}$ ]] || { printf 'layout_run %s: GPUS=%q: expected a positive integer\n' "$name" "$gpus" >&2; return 2; }
     shift 3
     local vars=()
     while [[ $1 != -- ]]; do
