@@ -133,6 +133,59 @@ def test_segments_forced_and_off():
         chunk_mod.CONFIG = saved
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name,bad,t", [("v", "nan", 150), ("k", "inf", 200), ("q", "nan", 130), ("do", "nan", 260)])
+def test_non_finite_input_stays_causal(name, bad, t, dtype):
+    """A NaN / inf at t (4 segments of 64 tokens, mid-chunk) reaches no output that does not depend on t."""
+    from tests.test_ops_nan_causal import check_nan_stays_causal
+
+    saved = chunk_mod.CONFIG
+    try:
+        chunk_mod.CONFIG = chunk_mod.KernelConfig(min_seg=64)
+        check_nan_stays_causal(lambda q, k, v, s: lightning_attention(q, k, v, s)[0], name, float(bad), dtype,
+                               TOL[dtype] * 2, device="cuda", B=2, T=300, H=2, D=64, t=t)  # fmt: skip
+    finally:
+        chunk_mod.CONFIG = saved
+
+
+def test_fused_segments_replay_from_a_cuda_graph():
+    """Segments combined inside the sweeps (ticket counter, flags, epochs) replayed from a captured graph: every
+    replay, with new inputs copied into the static ones, matches an eager call (bitwise: same kernels)."""
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    B, T, H, D = 1, 4096, 8, 128
+    static = [randn(B, T, H, D, gen=gen, dtype=torch.bfloat16, scale=0.3).requires_grad_() for _ in range(3)]
+    do = randn(B, T, H, D, gen=gen, dtype=torch.bfloat16)
+    slope = alibi(H, extremes=False)
+    assert chunk_mod.plan_segments(B * H, T, 2, False, static[0].device)[0] > 1
+
+    def step():
+        lightning_attention(*static, slope)[0].backward(do)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in static:
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        o = lightning_attention(*static, slope)[0]
+        o.backward(do)
+    for _ in range(3):
+        new = [randn(B, T, H, D, gen=gen, dtype=torch.bfloat16, scale=0.3) for _ in range(3)]
+        with torch.no_grad():
+            for x, n in zip(static, new, strict=True):
+                x.copy_(n)
+        graph.replay()
+        leaves = [n.clone().requires_grad_() for n in new]
+        ref = lightning_attention(*leaves, slope)[0]
+        ref.backward(do)
+        assert torch.equal(o, ref)
+        for x, leaf in zip(static, leaves, strict=True):
+            assert torch.equal(x.grad, leaf.grad)
+
+
 @pytest.mark.parametrize("B", [1, 64])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_decode_step(B, inplace):

@@ -97,6 +97,17 @@ else:
         h0 = torch.randn(B, H, Dk, Dv, generator=g)
         check_against_reference(q, k, v, slopes(kind, H), h0)
 
+    @pytest.mark.parametrize("name,bad,t", [("v", "nan", 37), ("k", "inf", 50), ("q", "nan", 37), ("do", "nan", 50)])
+    def test_non_finite_input_stays_causal(name, bad, t):
+        """A NaN / inf at t (two segments, mid-chunk) reaches no output that does not depend on t, fwd and bwd."""
+        from tests.test_ops_nan_causal import check_nan_stays_causal
+
+        def fn(q, k, v, s):
+            return lightning_attention(q, k, v, s, backend="triton")[0]
+
+        assert chunk_mod.plan_segments(2, 70, 1, False, torch.device("cpu"))[0] == 2
+        check_nan_stays_causal(fn, name, float(bad), torch.float32, 1e-5, T=70, t=t)
+
     def test_wide_key_dim_uses_its_own_chunk():
         """Dk > 128 (the LRPE layer's 256, here 136 -> a 256-wide tile) runs with wide_chunk / wide_tile."""
         chunk_mod.CONFIG = chunk_mod.KernelConfig(chunk=16, fwd_tile=16, rev_tile=16, wide_chunk=32, wide_tile=16,
@@ -106,6 +117,22 @@ else:
         v = torch.randn(1, 70, 2, 24, generator=g)
         h0 = torch.randn(1, 2, 136, 24, generator=g)
         check_against_reference(q, k, v, slopes("mixed", 2), h0)
+
+    @pytest.mark.parametrize("fused", [True, False])
+    def test_segment_states_in_kernel_or_in_two_launches(fused):
+        """Segments combined inside the sweeps (tickets, flags, epochs) or by the two extra launches: both exact;
+        the fused path leaves its counters reset and advances the epoch once per launch (forward, dV + dK)."""
+        chunk_mod.CONFIG = chunk_mod.KernelConfig(chunk=16, fwd_tile=16, rev_tile=16, target_ctas=16, min_seg=16,
+                                                  fused_segments=fused)  # fmt: skip
+        g = torch.Generator().manual_seed(29)
+        q, k, v = (torch.randn(2, 90, 2, 16, generator=g) for _ in range(3))
+        h0 = torch.randn(2, 2, 16, 16, generator=g)
+        assert chunk_mod.plan_segments(4, 90, 1, False, torch.device("cpu"))[0] == 3
+        sync, _ = chunk_mod._sync_buffers(torch.device("cpu"), 1)
+        epoch = int(sync[2])
+        check_against_reference(q, k, v, slopes("mixed", 2), h0)
+        assert sync[:2].tolist() == [0, 0]
+        assert int(sync[2]) == epoch + (2 if fused else 0)
 
     def test_segment_plan_is_used():
         n_seg, seg_len = chunk_mod.plan_segments(2, 100, 1, False, torch.device("cpu"))

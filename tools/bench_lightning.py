@@ -3,6 +3,7 @@
 
     python tools/bench_lightning.py --all --json OUT.json          # sweep, decode, norm, table
     python tools/bench_lightning.py --table --shapes B4_T8192_H32_D128
+    python tools/bench_lightning.py --tp-shapes --ab v3=old/chunk.py  # per-GPU launcher shapes, A/B
 
 What it does (each part also alone: --sweep, --decode, --norm, --table):
 * sweep: a few launch configs of our kernels on three shapes (large, medium, small batch x heads); the
@@ -10,6 +11,10 @@ What it does (each part also alone: --sweep, --decode, --norm, --table):
 * decode: one token per sequence, H32 D128, fp32 state, B = 1 / 64 / 256: ours (in/out of place), fla
   fused_recurrent_simple_gla, a plain torch step; against the state read+write floor;
 * norm: SRMSNorm and SRMSNorm x gate (fused vs unfused) on [16384, 4096] bf16;
+* tp-shapes: the per-GPU shapes of the launchers (examples/: heads / TP, micro-batch, sequence) plus head
+  dims 64 and 256/128: ours (and its config variants, and any --ab kernel file) beside fla; eager fwd and
+  fwd+bwd, the same replayed from a captured CUDA graph (GPU time without host launch cost), host time
+  per eager fwd+bwd call, the HBM floor, and both kernels' errors against fp64 on the same inputs;
 * table: SPEC section 8 shapes plus the LRPE shape (Dk 256, Dv 128): fwd and fwd+bwd median ms
   (triton.testing.do_bench), peak fwd+bwd memory, the HBM byte floor (bf16, 4.25 TB/s; fwd q,k,v,o,
   fwd+bwd adds q,k,v,do read and dq,dk,dv written), and each kernel's rel. error against fp64 on the
@@ -61,7 +66,21 @@ SWEEP = {
     "t64_few_seg": dict(fwd_tile=64, rev_tile=64, target_ctas=132),
     "t64_s3": dict(fwd_tile=64, rev_tile=64, num_stages=3),
 }
-RESULTS: dict = {"meta": {}, "sweep": {}, "decode": {}, "norm": {}, "table": {}}
+# (launcher, per-GPU shape): heads / TP, micro-batch and sequence of examples/*.sh, *.sbatch; then head dims
+TP_SHAPES = [
+    ("tnl-7b TP2 MBS1", (1, 4096, 16, 128, 128)),
+    ("tnl-65b TP8 MBS1", (1, 4096, 8, 128, 128)),
+    ("tnl-175b TP8 MBS1", (1, 2048, 12, 128, 128)),
+    ("tnl-13b TP8 MBS2", (2, 4096, 5, 128, 128)),
+    ("tnl-1b TP1 MBS8", (8, 2048, 16, 128, 128)),
+    ("tnl-385m TP1 MBS8", (8, 2048, 8, 128, 128)),
+    ("head dim 64, 7b layout", (1, 4096, 16, 64, 64)),
+    ("LRPE, 7b layout", (1, 4096, 16, 256, 128)),
+    ("LRPE, 1b layout", (8, 2048, 16, 256, 128)),
+]
+# config variants of our kernels timed beside the default in --tp-shapes
+TP_VARIANTS = {"two_launch": dict(fused_segments=False), "min_seg256": dict(min_seg=256)}
+RESULTS: dict = {"meta": {}, "sweep": {}, "decode": {}, "norm": {}, "table": {}, "tp": {}}
 JSON_PATH = None
 
 
@@ -90,8 +109,8 @@ def alibi(H: int) -> torch.Tensor:
     return torch.tensor(s, dtype=torch.float32, device=DEV)
 
 
-def bench(fn, grad_to_none=None) -> float:
-    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+def bench(fn, grad_to_none=None, warmup: int = 25, rep: int = 100) -> float:
+    return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def peak_gb(fn) -> float:
@@ -372,6 +391,172 @@ def kernel_report():
     save()
 
 
+def graph_ms(fn, leaves=()) -> float:
+    """Median ms of fn replayed from a captured CUDA graph (warm-up and capture on one side stream)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    for x in leaves:
+        x.grad = None
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        fn()
+    return bench(g.replay, warmup=10, rep=40)
+
+
+def host_us(fn, n=20) -> float:
+    """Host time per call (no synchronisation inside: the GPU queue absorbs the launches)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def errors_at(fn, q, k, v, slope, do) -> dict:
+    """Rel. errors of o, dq, dk, dv against fp64 (chunked reference) on these inputs."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = fn(*leaves, slope)
+    o.backward(do)
+    refs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro, _ = lightning_attention_chunked(*refs, slope.double(), chunk_size=256)
+    ro.backward(do.double())
+    return {"o": rel(o, ro), "dq": rel(leaves[0].grad, refs[0].grad), "dk": rel(leaves[1].grad, refs[1].grad),
+            "dv": rel(leaves[2].grad, refs[2].grad)}  # fmt: skip
+
+
+def time_impl(fn, q, k, v, slope, do, warm_only: bool = False) -> dict:
+    out = {}
+    if warm_only:  # compile / autotune into the cache, time nothing
+        fn(*[x.detach().requires_grad_() for x in (q, k, v)], slope).backward(do)
+        return out
+    try:
+        with torch.no_grad():
+            fn(q, k, v, slope)
+            out["fwd"] = bench(lambda: fn(q, k, v, slope), warmup=10, rep=40)
+            out["host_fwd_us"] = host_us(lambda: fn(q, k, v, slope))
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+        def fb():
+            fn(*leaves, slope).backward(do)
+
+        fb()
+        out["fb"] = bench(fb, grad_to_none=leaves, warmup=10, rep=40)
+        out["host_fb_us"] = host_us(fb)
+        try:
+            with torch.no_grad():
+                out["fwd_graph"] = graph_ms(lambda: fn(q, k, v, slope))
+            out["fb_graph"] = graph_ms(fb, leaves)
+        except Exception as e:  # noqa: BLE001
+            out["graph_error"] = repr(e)[:200]
+    except Exception as e:  # noqa: BLE001
+        out["error"] = repr(e)[:300]
+        traceback.print_exc()
+    return out
+
+
+def load_kernel_file(label: str, path: str):
+    """fn(q, k, v, slope) -> o from another version of chunk.py (A/B in one process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"chunk_{label}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return lambda q, k, v, s: mod.chunk_lightning_attention(q, k, v, s)[0]
+
+
+def part_tp(chunk_simple_gla, ab: dict, deadline: float, only: list | None, warm_only: bool, impls: list | None):
+    """Per-GPU launcher shapes (``only``: shape names, ``impls``: implementation labels to run; None = all).
+    warm_only: compile and autotune into the cache, time nothing (several such processes in parallel make
+    the timed run start warm)."""
+    t_start = time.time()
+    want = set(impls) if impls else None
+    others = {label: load_kernel_file(label, path) for label, path in ab.items() if not want or label in want}
+    for launcher, shape in TP_SHAPES:
+        if only and name(shape) not in only:
+            continue
+        if time.time() - t_start > deadline:
+            print(f"past the {deadline:.0f} s deadline: {name(shape)} skipped", flush=True)
+            continue
+        B, T, H, Dk, Dv = shape
+        slope = alibi(H)
+        f_fwd, f_fb = floors(*shape)
+        q, k, v = inputs(B, T, H, Dk, Dv, seed=21)
+        do = (torch.randn(B, T, H, Dv, device=DEV) * 0.1).to(torch.bfloat16)
+        row = {"launcher": launcher, "floor_fwd": f_fwd, "floor_fb": f_fb}
+        nm = name(shape)
+
+        def run(label, fn, row=row, q=q, k=k, v=v, slope=slope, do=do, nm=nm):
+            if want and label not in want:
+                return
+            t = time.time()
+            row[label] = time_impl(fn, q, k, v, slope, do, warm_only)
+            print(f"  {nm} {label} ({time.time() - t:.1f} s): {json.dumps(row[label])}", flush=True)
+            RESULTS["tp"][nm] = row
+            save()
+
+        base = chunk_mod.CONFIG
+        run("ours", impl_ours)
+        if "ours" in row and not warm_only:
+            row["ours"]["plan"] = chunk_mod.plan_segments(B * H, T, 2 if Dv > 64 else 1, False, q.device)
+            row["ours"]["err"] = errors_at(impl_ours, q, k, v, slope, do)
+        for vname, kw in TP_VARIANTS.items():
+            chunk_mod.CONFIG = chunk_mod.KernelConfig(**{**vars(base), **kw})
+            run(vname, impl_ours)
+            chunk_mod.CONFIG = base
+        for label, fn in others.items():
+            run(label, fn)
+        if chunk_simple_gla is not None:
+
+            def fla(q, k, v, s, g_gamma=-slope):
+                return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0)[0]
+
+            run("fla", fla)
+            if not warm_only:
+                try:
+                    row["fla"]["err"] = errors_at(fla, q, k, v, slope, do)
+                except Exception as e:  # noqa: BLE001
+                    row["fla"]["err_error"] = repr(e)[:200]
+        RESULTS["tp"][name(shape)] = row
+        print(name(shape), json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+        save()
+
+
+def print_tp_table():
+    t = RESULTS["tp"]
+    if not t:
+        return
+    nan = float("nan")
+
+    def g(r, impl, key):
+        return r.get(impl, {}).get(key, nan)
+
+    impls = [i for i in next(iter(t.values())) if isinstance(next(iter(t.values()))[i], dict)]
+    print("\n| launcher | shape | ours fwd / fwd+bwd | fla fwd / fwd+bwd | fla/ours fwd / fb | ours fb / floor "
+          "| graph ours / fla fb | host us ours / fla | err ours / fla |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for nm, r in t.items():
+        of, ob, ff, fb = g(r, "ours", "fwd"), g(r, "ours", "fb"), g(r, "fla", "fwd"), g(r, "fla", "fb")
+        eo = max(r.get("ours", {}).get("err", {"x": nan}).values())
+        ef = max(r.get("fla", {}).get("err", {"x": nan}).values())
+        graph = f"{g(r, 'ours', 'fb_graph'):.3f} / {g(r, 'fla', 'fb_graph'):.3f}"
+        host = f"{g(r, 'ours', 'host_fb_us'):.0f} / {g(r, 'fla', 'host_fb_us'):.0f}"
+        print(f"| {r['launcher']} | {nm} | {of:.3f} / {ob:.3f} | {ff:.3f} / {fb:.3f} | {ff / of:.2f}x / {fb / ob:.2f}x "
+              f"| {ob / r['floor_fb']:.1f} | {graph} | {host} | {eo:.1e} / {ef:.1e} |")  # fmt: skip
+    print("\nvariants, fwd / fwd+bwd ms (graph replay fwd / fwd+bwd):")
+    for nm, r in t.items():
+        cells = [f"{i} {g(r, i, 'fwd'):.3f}/{g(r, i, 'fb'):.3f} ({g(r, i, 'fwd_graph'):.3f}/{g(r, i, 'fb_graph'):.3f})"
+                 for i in impls]  # fmt: skip
+        print(f"  {nm}: " + "; ".join(cells))
+
+
 def print_table():
     t = RESULTS["table"]
     if not t:
@@ -421,6 +606,11 @@ def main():
         "--deadline", type=float, default=1e9, help="seconds into the table after which la2/SDPA are skipped"
     )
     ap.add_argument("--decode-sweep", action="store_true", help="also sweep the decode tile")
+    ap.add_argument("--tp-shapes", action="store_true", help="per-GPU launcher shapes beside fla (A/B with --ab)")
+    ap.add_argument("--ab", nargs="*", default=[], help="LABEL=PATH of another chunk.py to time beside ours")
+    ap.add_argument("--warm-only", action="store_true", help="--tp-shapes: compile/autotune into the cache only")
+    ap.add_argument("--no-fla", action="store_true", help="leave fla out")
+    ap.add_argument("--impls", nargs="*", help="--tp-shapes: labels to run (ours, variants, --ab labels, fla)")
     args = ap.parse_args()
     JSON_PATH = args.json
     p = torch.cuda.get_device_properties(0)
@@ -433,7 +623,7 @@ def main():
     except Exception:  # noqa: BLE001
         pass
     print(json.dumps(RESULTS["meta"]), flush=True)
-    chunk_simple_gla, fused_recurrent = load_fla()
+    chunk_simple_gla, fused_recurrent = (None, None) if args.no_fla else load_fla()
     la2 = load_la2()
     t0 = time.time()
     if args.all or args.sweep:
@@ -444,13 +634,18 @@ def main():
         part_norm()
     RESULTS["meta"]["config"] = vars(chunk_mod.CONFIG)
     RESULTS["meta"]["decode_tile"] = dict(decode_mod.DECODE_TILE)
+    if args.tp_shapes:
+        ab = dict(x.split("=", 1) for x in args.ab)
+        part_tp(chunk_simple_gla, ab, args.deadline, args.shapes, args.warm_only, args.impls)
     if args.all or args.table:
         shapes = [s for s in SHAPES if not args.shapes or name(s) in args.shapes]
         part_table(shapes, chunk_simple_gla, la2, args.deadline)
     RESULTS["meta"]["wall_s"] = time.time() - t0
     save()
     print_table()
-    kernel_report()
+    if not args.warm_only:
+        kernel_report()
+        print_tp_table()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,45 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+def _slope_version(slope: torch.Tensor) -> int:
+    """The tensor's in-place version (inference tensors have none: they count as never modified)."""
+    try:
+        return slope._version
+    except RuntimeError:
+        return -1
+
+
+def _check_floats(**tensors: torch.Tensor) -> None:
+    for name, x in tensors.items():
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}")
+
+
+def _check_slope(slope: torch.Tensor) -> None:
+    """slope must be finite and >= 0 (lambda = exp(-slope) in (0, 1]). Reading the values of a CUDA tensor
+    waits for the GPU, so a CUDA slope is checked once per in-place version (the layers keep one tensor per
+    layer) and not at all while a CUDA graph is being captured."""
+    _check_floats(slope=slope)
+    on_gpu = slope.device.type != "cpu"
+    if on_gpu:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return
+        if getattr(slope, "_tnl_checked_version", None) == _slope_version(slope):
+            return
+    ok = torch.isfinite(slope) & (slope >= 0)
+    if not bool(ok.all()):
+        heads = (~ok).nonzero().flatten().tolist()
+        raise ValueError(
+            f"slope must be finite and >= 0 (decay exp(-slope) in (0, 1]); got {slope[heads].tolist()} at heads {heads}"
+        )
+    if on_gpu:
+        slope._tnl_checked_version = _slope_version(slope)
+
+
 def _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens) -> None:
+    _check_floats(q=q, k=k, v=v)
+    if q.numel() == 0 or v.numel() == 0:
+        raise ValueError(f"q, k, v must not be empty; got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, H, _ = q.shape
@@ -53,6 +91,7 @@ def _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens) -> None:
         raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv]; got {tuple(v.shape)}")
     if slope.shape != (H,):
         raise ValueError(f"slope must be [H] = [{H}]; got {tuple(slope.shape)}")
+    _check_slope(slope)
     n_seq = B
     if cu_seqlens is not None:
         if B != 1:
@@ -89,9 +128,9 @@ def lightning_attention(
     """o_t = sum_{s <= t} exp(-slope)^(t-s) (q_t . k_s) v_s, plus the decayed initial state.
 
     Args:
-        q, k: [B, T, H, Dk], any strides (SiLU/LRPE already applied; no scale is applied).
+        q, k: [B, T, H, Dk] floating point, not empty, any strides (SiLU/LRPE already applied; no scale).
         v: [B, T, H, Dv].
-        slope: [H] fp32, lambda = exp(-slope) >= 0 decay per token (0 = no decay).
+        slope: [H] fp32, finite and >= 0: lambda = exp(-slope) decay per token (0 = no decay).
         initial_state: [N, H, Dk, Dv] fp32 state before the first token (N = B, or the number of
             packed sequences).
         output_final_state: also return the [N, H, Dk, Dv] fp32 state after the last token.
@@ -100,6 +139,13 @@ def lightning_attention(
 
     Returns:
         (o [B, T, H, Dv] in q's dtype, final state or None)
+
+    Causal for non-finite inputs too: a NaN / inf at position t never reaches o (or dq) before t, nor dk, dv
+    after t.
+
+    Raises:
+        TypeError: non-float q, k, v or slope. ValueError: empty inputs, wrong shapes, a negative or
+        non-finite slope, bad cu_seqlens or initial_state.
     """
     _check_attention_inputs(q, k, v, slope, initial_state, cu_seqlens)
     if resolve_backend(backend, q) == "triton":
@@ -142,6 +188,8 @@ def lightning_attention_step(
         raise ValueError(f"state must be fp32 (or fp64 for checks); got {state.dtype}")
     if slope.shape != (q.shape[1],):
         raise ValueError(f"slope must be [H] = [{q.shape[1]}]; got {tuple(slope.shape)}")
+    _check_floats(q=q, k=k, v=v)
+    _check_slope(slope)
     if resolve_backend(backend, state) == "triton":
         from megatron_tnllm.ops.lightning_attn.decode import lightning_attention_step_triton
 

@@ -6,7 +6,10 @@ Math (per head, lambda = exp(-slope), g = log2(lambda) <= 0, chunk of n <= BT to
     S <- lambda^n S + (diag(lambda^(n-1-j)) K)^T V
 
 Only powers >= 0 of lambda are ever formed (exp2 of g times a count >= 0): slopes from 0 to 8 per token
-underflow to 0 cleanly instead of overflowing.
+underflow to 0 cleanly instead of overflowing. Causal masks are selects (``tl.where``), never products with a
+0/1 mask. A segment whose state comes out non-finite runs again with ``_tri_product``'s SAFE form (the value
+operand of the masked intra-chunk product zeroed where non-finite, NaN put back inside each row's triangle):
+a NaN / inf at position t reaches only the rows that depend on t (o and dq at >= t, dk and dv at <= t).
 
 Kernels (one job each):
 
@@ -14,15 +17,19 @@ Kernels (one job each):
   writes O; no per-chunk state ever reaches HBM. It also computes dQ: dQ = fwd(dO, V, K) with the
   transposed state, because dq_t = sum_{s<=t} lambda^(t-s) (do_t . v_s) k_s + lambda^(t+1) do_t S0^T.
 * ``_rev_sweep_kernel``: walks the chunks of one segment backward with the fp32 state gradient G in
-  registers. With (a, b, c) = (Q, K, dO) and G = dS it yields dV; with (dO, V, Q) and G = dS^T, dK:
+  registers. With (a, b, c) = (Q, K, dO) and G = dS it yields dV; with (dO, V, Q) and G = dS^T, dK (two
+  roles of one launch when their widths and stride kinds agree):
 
       Y_j = sum_{i >= j} lambda^(i-j) (b_j . a_i) c_i + lambda^(n-1-j) b_j G,
       G  <- lambda^n G + (diag(lambda^(i+1)) A)^T C.
 
-* ``_seg_local_kernel`` and ``_seg_scan_kernel``: the chunk-parallel two-level scheme. When batch x heads
-  is too small to fill the GPU, each sequence is cut into segments of ``seg_len`` tokens; the first kernel
-  computes every segment's own state contribution in parallel, the second chains them (a short serial
-  loop over segments), and the sweeps then run all segments in parallel from those states.
+* Segments (the chunk-parallel two-level scheme): when batch x heads is too small to fill the GPU, each
+  sequence is cut into segments of ``seg_len`` tokens; every segment's own state contribution is computed
+  in parallel, the contributions are chained (a short serial loop over segments), and the sweeps run all
+  segments in parallel from those states. By default the sweeps do this themselves (``_claim``,
+  ``_publish``, ``_collect``: tickets, flags and epochs in a per-(device, stream) buffer, so a program only
+  ever waits for segments that started before it); ``_seg_local_kernel`` and ``_seg_scan_kernel`` are the
+  two-launch form (``CONFIG.fused_segments = False``).
 
 Layouts: q, k [B, T, H, Dk]; v, o [B, T, H, Dv], any strides (read through them, never copied); states
 [N, H, Dk, Dv] fp32; slope [H]. Dot operands are in the input dtype (bf16/fp16 tensor cores; tf32x3 for
@@ -59,7 +66,8 @@ class KernelConfig:
     target_ctas: programs wanted per launch before cutting sequences into segments (0 = automatic: one
     segment once batch x heads x tiles reaches the SM count, else as many as fill two programs per SM).
     min_seg: shortest segment in tokens. num_warps: 0 = by state-tile size. num_stages: software-pipelining
-    depth of the chunk loads (stepped down automatically when shared memory runs out).
+    depth of the chunk loads (stepped down automatically when shared memory runs out). fused_segments: form
+    the segments' states inside the sweeps (one launch per sweep) instead of two extra launches per direction.
     """
 
     chunk: int = 64
@@ -71,6 +79,7 @@ class KernelConfig:
     min_seg: int = 512
     num_warps: int = 0
     num_stages: int = 2
+    fused_segments: bool = True
 
 
 CONFIG = KernelConfig()
@@ -113,10 +122,153 @@ def _store_chunk(x, val, t_hi, t0, s_t, s_d, col0, W: tl.constexpr, BT: tl.const
     tl.store(p, val.to(x.dtype.element_ty), boundary_check=(0, 1))
 
 
-@triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
+@triton.jit
+def _nonfinite(x):
+    """1.0 where x is NaN or +-inf, else 0.0 (x * 0 is 0 exactly for finite x)."""
+    return tl.where(x * 0.0 == 0.0, 0.0, 1.0)
+
+
+@triton.jit
+def _tri_product(m, x, tri, PREC: tl.constexpr, SAFE: tl.constexpr):
+    """m @ x for m [BT, BT] (fp32, zero outside the triangle ``tri`` [BT, BT] bool) and x [BT, BW].
+
+    SAFE: x's non-finite entries are zeroed for the product (a 0 * NaN outside the triangle would reach rows
+    that do not depend on them) and y[i, c] is NaN where some x[j, c] with tri[i, j] is non-finite. The
+    sweeps run SAFE only when re-running a segment whose state came out non-finite (rare): the fast path
+    keeps x in shared memory for the dot, and the extra tiles would spill registers there.
+    """
+    if SAFE:
+        bad = _nonfinite(x)
+        y = tl.dot(m.to(x.dtype), tl.where(bad > 0.0, 0.0, x).to(x.dtype), input_precision=PREC)
+        reach = tl.dot(tl.where(tri, 1.0, 0.0).to(tl.float16), bad.to(tl.float16))  # counts <= BT: exact
+        y = tl.where(reach > 0.0, float("nan"), y)
+    else:
+        y = tl.dot(m.to(x.dtype), x, input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _claim(sync, n_tiles, n_rows, n_seg, REVERSE: tl.constexpr):
+    """(tile, segment, row, epoch) of this program, handed out in launch order by a ticket counter.
+
+    sync [4] int32 (tickets, finished programs, epoch): the program holding the last ticket resets the
+    counter for the next launch. Tickets go segment by segment (forward: 0 first; reverse: the last first), so
+    every segment a program waits for holds a smaller ticket and has started: no program waits on one that
+    cannot run. The epoch (launches finished so far) tells this launch's flags from older ones.
+    """
+    tk = tl.atomic_add(sync, 1)
+    if tk == n_tiles * n_rows * n_seg - 1:
+        tl.atomic_xchg(sync, 0)
+    epoch = tl.atomic_add(sync + 2, 0)
+    i_t = tk % n_tiles
+    i_row = (tk // n_tiles) % n_rows
+    i_s = tk // (n_tiles * n_rows)
+    if REVERSE:
+        i_s = n_seg - 1 - i_s
+    return i_t, i_s, i_row, epoch
+
+
+@triton.jit
+def _finish(sync, total):
+    """The last program to finish resets the finished count and advances the epoch."""
+    if tl.atomic_add(sync + 1, 1) == total - 1:
+        tl.atomic_xchg(sync + 1, 0)
+        tl.atomic_add(sync + 2, 1)
+
+
+@triton.jit
+def _publish(ws, flags, slot, b_w, epoch, BR: tl.constexpr, BC: tl.constexpr):
+    """Writes a segment's own state contribution to ws[slot] [BR, BC] fp32, then raises flags[slot]."""
+    o_r = tl.arange(0, BR)
+    o_c = tl.arange(0, BC)
+    tl.store(ws + slot.to(tl.int64) * (BR * BC) + o_r[:, None] * BC + o_c[None, :], b_w)
+    tl.debug_barrier()
+    tl.atomic_xchg(flags + slot, epoch + 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _collect(ws, flags, slot, epoch, BR: tl.constexpr, BC: tl.constexpr):
+    """Waits for flags[slot] of this launch and reads ws[slot] (past L1: another SM wrote it)."""
+    while tl.atomic_add(flags + slot, 0, sem="acquire", scope="gpu") != epoch + 1:
+        pass
+    o_r = tl.arange(0, BR)
+    o_c = tl.arange(0, BC)
+    return tl.load(ws + slot.to(tl.int64) * (BR * BC) + o_r[:, None] * BC + o_c[None, :], cache_modifier=".cg")
+
+
+@triton.jit
+def _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, col0,
+                 R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+                 REVERSE: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """A segment's own state contribution [BR, BC] fp32 over tokens [t_lo, t_hi):
+
+    forward (a = K, c = V): W = sum_j lambda^(t_hi-1-j) a_j^T c_j            (decayed to the segment's end)
+    reverse (a = Q, c = dO): W = sum_i lambda^(i-t_lo+1) a_i^T c_i            (decayed to before its start)
+    """
+    o_f = tl.arange(0, BT).to(tl.float32)
+    n_chunks = tl.cdiv(t_hi - t_lo, BT)
+    b_w = tl.zeros([BR, BC], dtype=tl.float32)
+    for m in range(0, n_chunks):
+        if REVERSE:
+            t0 = t_lo + (n_chunks - 1 - m) * BT
+        else:
+            t0 = t_lo + m * BT
+        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
+        b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, col0, C, BT, BC)
+        n = tl.minimum(t_hi - t0, BT).to(tl.float32)
+        if REVERSE:
+            d = tl.exp2(g * (o_f + 1.0))
+        else:
+            d = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
+        b_ad = (b_a * d[:, None]).to(b_a.dtype)
+        b_w = b_w * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
+    return b_w
+
+
+@triton.jit
+def _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
+                  o_k, o_v, m_k, m_v, BR: tl.constexpr, BC: tl.constexpr, HAS_S_IN: tl.constexpr,
+                  COMBINE: tl.constexpr):  # fmt: skip
+    """The state entering segment i_s: s_in's (per segment, or h0), or COMBINE: lambda^(i_s seg_len) h0 +
+    sum_{j < i_s} lambda^((i_s-1-j) seg_len) W_j over the published contributions (Horner)."""
+    b_s = tl.zeros([BR, BC], dtype=tl.float32)
+    if HAS_S_IN:
+        p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
+        b_s += tl.load(p_s + o_k[:, None] * si_r + o_v[None, :] * si_c, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    if COMBINE:
+        d_seg = tl.exp2(g * seg_len.to(tl.float32))
+        for j in range(0, i_s):
+            b_s = b_s * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC)
+    return b_s
+
+
+@triton.jit
+def _fwd_chunk(q, k, v, o, b_s, t0, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_ot, s_od, col0, g, o_f, d_q, d_a,
+               R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+               PREC: tl.constexpr, SAFE: tl.constexpr):  # fmt: skip
+    """One chunk of the forward sweep: writes o[t0 : t0 + BT] and returns the state after it."""
+    b_q = _load_chunk(q, t_hi, t0, s_qt, s_qd, 0, R, BT, BR)
+    b_k = _load_chunk(k, t_hi, t0, s_kt, s_kd, 0, R, BT, BR)
+    b_v = _load_chunk(v, t_hi, t0, s_vt, s_vd, col0, C, BT, BC)
+
+    # intra-chunk: masked (a select: a NaN key beyond row i stays out), decayed Q K^T, then times V
+    b_a = tl.where(d_a >= 0.0, tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * d_a, 0.0)
+    b_o = _tri_product(b_a, b_v, d_a >= 0.0, PREC, SAFE)
+    # inter-chunk: the state entering this chunk
+    b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=PREC) * d_q[:, None]
+    _store_chunk(o, b_o, t_hi, t0, s_ot, s_od, col0, C, BT, BC)
+
+    # state update with the true chunk length n (the last chunk may be partial); the true v: NaN carries on
+    n = tl.minimum(t_hi - t0, BT).to(tl.float32)
+    d_k = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
+    b_kd = (b_k * d_k[:, None]).to(b_k.dtype)
+    return b_s * tl.exp2(g * n) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+
+
+@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles"])
 def _fwd_sweep_kernel(
-    q, k, v, o, g2, s_in, s_out, cu_seqlens,
-    T, H, seg_len, n_seg,
+    q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync,
+    T, H, NH, seg_len, n_seg, n_tiles,
     s_qb, s_qt, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
@@ -125,10 +277,19 @@ def _fwd_sweep_kernel(
     so_n, so_h, so_r, so_c,
     R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    COMBINE: tl.constexpr, STORE_SEG: tl.constexpr,
 ):  # fmt: skip
-    """Grid (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C] (one segment: h0
-    [N, H, R, C], read with segment stride 0); s_out [N, H, R, C]."""
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """n_tiles * n_seg * NH programs (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C]
+    (the state entering each segment; or h0 [N, H, R, C], read with segment stride 0); s_out [N, H, R, C].
+
+    COMBINE: the segments' entering states are formed here: each program computes its segment's own
+    contribution, publishes it (ws [N*H*n_tiles, n_seg, BR, BC] fp32, flags), and adds up its predecessors'
+    (s_in then holds h0); STORE_SEG saves each entering state to s_seg [N, H, n_seg, R, C] for the backward.
+    """
+    if COMBINE:
+        i_v, i_s, i_nh, epoch = _claim(sync, n_tiles, NH, n_seg, False)
+    else:
+        i_v, i_s, i_nh, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
     q = _seq_start(q, cu_seqlens, i_n, i_h, s_qb, s_qt, s_qh, VARLEN)
@@ -147,59 +308,122 @@ def _fwd_sweep_kernel(
 
     # decays as exp2(g * count), count >= 0 only
     g = tl.load(g2 + i_h).to(tl.float32)
+    key = i_nh * n_tiles + i_v
+    if COMBINE:
+        if i_s < n_seg - 1:
+            b_w = _local_state(k, v, g, t_lo, t_hi, s_kt, s_kd, s_vt, s_vd, i_v * BC, R, C, BR, BC, BT, False, PREC)
+            _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
+
+    b_s = _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
+                        o_k, o_v, m_k, m_v, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
+    if STORE_SEG:
+        p_sg = s_seg + (i_nh.to(tl.int64) * n_seg + i_s) * (R * C)
+        tl.store(p_sg + o_k[:, None] * C + o_v[None, :], b_s, mask=m_k[:, None] & m_v[None, :])
+
     o_f = o_t.to(tl.float32)
     d_q = tl.exp2(g * (o_f + 1.0))
+    # lambda^(i-j) on and below the diagonal, -1 above: the causal mask is d_a >= 0, a select (one live tile)
     dif = o_f[:, None] - o_f[None, :]
-    d_a = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), 0.0)
-
-    b_s = tl.zeros([BR, BC], dtype=tl.float32)
-    if HAS_S_IN:
-        p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
-        b_s += tl.load(p_s + o_k[:, None] * si_r + o_v[None, :] * si_c, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    d_a = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), -1.0)
 
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
     for m in range(0, n_chunks):
-        t0 = t_lo + m * BT
-        b_q = _load_chunk(q, t_hi, t0, s_qt, s_qd, 0, R, BT, BR)
-        b_k = _load_chunk(k, t_hi, t0, s_kt, s_kd, 0, R, BT, BR)
-        b_v = _load_chunk(v, t_hi, t0, s_vt, s_vd, i_v * BC, C, BT, BC)
-
-        # intra-chunk: masked, decayed Q K^T, then times V
-        b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * d_a
-        b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
-        # inter-chunk: the state entering this chunk
-        b_o += tl.dot(b_q, b_s.to(b_q.dtype), input_precision=PREC) * d_q[:, None]
-        _store_chunk(o, b_o, t_hi, t0, s_ot, s_od, i_v * BC, C, BT, BC)
-
-        # state update with the true chunk length n (the last chunk may be partial)
-        n = tl.minimum(t_hi - t0, BT).to(tl.float32)
-        d_k = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
-        b_kd = (b_k * d_k[:, None]).to(b_k.dtype)
-        b_s = b_s * tl.exp2(g * n) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
+        b_s = _fwd_chunk(q, k, v, o, b_s, t_lo + m * BT, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_ot, s_od,
+                         i_v * BC, g, o_f, d_q, d_a, R, C, BR, BC, BT, PREC, False)  # fmt: skip
 
     if STORE_S_OUT:
         if i_s == n_seg - 1:
             p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_k[:, None] * so_r + o_v[None, :] * so_c
             tl.store(p_so, b_s.to(s_out.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+    # a non-finite input in this segment (its state shows it): run the segment again, causally (rare)
+    if tl.sum(_nonfinite(b_s)) > 0:
+        b_s = _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
+                            o_k, o_v, m_k, m_v, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
+        for m in range(0, n_chunks):
+            b_s = _fwd_chunk(q, k, v, o, b_s, t_lo + m * BT, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_ot, s_od,
+                             i_v * BC, g, o_f, d_q, d_a, R, C, BR, BC, BT, PREC, True)  # fmt: skip
+    if COMBINE:
+        _finish(sync, n_tiles * NH * n_seg)
 
 
-@triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
+@triton.jit
+def _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
+                  o_a, o_c, m_a, m_c, BR: tl.constexpr, BC: tl.constexpr, HAS_S_IN: tl.constexpr,
+                  COMBINE: tl.constexpr):  # fmt: skip
+    """G at segment i_s's end: s_in's (per segment, or dht), or COMBINE: dht and every later segment's
+    published contribution, decayed (Horner from the last segment)."""
+    b_g = tl.zeros([BR, BC], dtype=tl.float32)
+    if HAS_S_IN:
+        p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
+        b_g += tl.load(p_s + o_a[:, None] * si_r + o_c[None, :] * si_c, mask=m_a[:, None] & m_c[None, :], other=0.0)
+    if COMBINE:
+        for jj in range(0, n_seg - 1 - i_s):
+            j = n_seg - 1 - jj
+            d_seg = tl.exp2(g * tl.minimum(seg_len, T - j * seg_len).to(tl.float32))
+            b_g = b_g * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC)
+    return b_g
+
+
+@triton.jit
+def _rev_chunk(a, b, c, y, b_g, t0, t_hi, s_at, s_ad, s_bt, s_bd, s_ct, s_cd, s_yt, s_yd, col0, g, o_f, d_a, d_p,
+               R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+               PREC: tl.constexpr, SAFE: tl.constexpr):  # fmt: skip
+    """One chunk of the reverse sweep: writes y[t0 : t0 + BT] and returns G before it."""
+    b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
+    b_b = _load_chunk(b, t_hi, t0, s_bt, s_bd, 0, R, BT, BR)
+    b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, col0, C, BT, BC)
+
+    n = tl.minimum(t_hi - t0, BT).to(tl.float32)
+    d_y = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
+    # computed directly as b a^T (never as a transposed dot result: Triton 3.4-3.7 miscompiles
+    # tl.dot(tl.trans(dot_result), ...) on Hopper)
+    b_p = tl.where(d_p >= 0.0, tl.dot(b_b, tl.trans(b_a), input_precision=PREC) * d_p, 0.0)
+    b_y = _tri_product(b_p, b_c, d_p >= 0.0, PREC, SAFE)
+    b_y += tl.dot(b_b, b_g.to(b_b.dtype), input_precision=PREC) * d_y[:, None]
+    _store_chunk(y, b_y, t_hi, t0, s_yt, s_yd, col0, C, BT, BC)
+
+    b_ad = (b_a * d_a[:, None]).to(b_a.dtype)
+    return b_g * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
+
+
+@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles", "si0_n", "si0_h", "si0_s", "si0_r",
+                               "si0_c", "si1_n", "si1_h", "si1_s", "si1_r", "si1_c"])  # fmt: skip
 def _rev_sweep_kernel(
-    a, b, c, y, g2, s_in, s_out, cu_seqlens,
-    T, H, seg_len, n_seg,
-    s_ab, s_at, s_ah, s_ad,
-    s_bb, s_bt, s_bh, s_bd,
-    s_cb, s_ct, s_ch, s_cd,
-    s_yb, s_yt, s_yh, s_yd,
-    si_n, si_h, si_s, si_r, si_c,
+    a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, sync,
+    T, H, NH, seg_len, n_seg, n_tiles,
+    s_a0b, s_a0t, s_a0h, s_a0d, s_b0b, s_b0t, s_b0h, s_b0d, s_c0b, s_c0t, s_c0h, s_c0d, s_y0b, s_y0t, s_y0h, s_y0d,
+    s_a1b, s_a1t, s_a1h, s_a1d, s_b1b, s_b1t, s_b1h, s_b1d, s_c1b, s_c1t, s_c1h, s_c1d, s_y1b, s_y1t, s_y1h, s_y1d,
+    si0_n, si0_h, si0_s, si0_r, si0_c,
+    si1_n, si1_h, si1_s, si1_r, si1_c,
     so_n, so_h, so_r, so_c,
-    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, ROLES: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    COMBINE: tl.constexpr,
 ):  # fmt: skip
-    """Grid (C tiles, segments, N*H). a, b [.., R]; c, y [.., C]; G: s_in [N, H, n_seg, R, C] is the gradient of
-    the state at each segment's end (one segment: dht [N, H, R, C], segment stride 0); s_out [N, H, R, C]
-    receives G before the first token (dh0)."""
-    i_c, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """n_tiles * n_seg * ROLES*NH programs (C tiles, segments, role-major N*H). Role r reads (a_r, b_r, c_r) and
+    writes y_r: a, b [.., R]; c, y [.., C] (dV is role 0: (Q, K, dO); dK role 1: (dO, V, Q), when Dk = Dv both
+    run in one launch). G: s_in [N, H, n_seg, R, C] with role r's strides si_r is the gradient of the state at
+    each segment's end (one segment, or COMBINE: dht [N, H, R, C], segment stride 0); s_out [N, H, R, C]
+    receives role 0's G before the first token (dh0). COMBINE: as in ``_fwd_sweep_kernel``, backwards.
+    """
+    if COMBINE:
+        i_c, i_s, i_row, epoch = _claim(sync, n_tiles, NH * ROLES, n_seg, True)
+    else:
+        i_c, i_s, i_row, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+    role = i_row // NH
+    i_nh = i_row % NH
+    if role == 0:
+        a, s_ab, s_at, s_ah, s_ad = a0, s_a0b, s_a0t, s_a0h, s_a0d
+        b, s_bb, s_bt, s_bh, s_bd = b0, s_b0b, s_b0t, s_b0h, s_b0d
+        c, s_cb, s_ct, s_ch, s_cd = c0, s_c0b, s_c0t, s_c0h, s_c0d
+        y, s_yb, s_yt, s_yh, s_yd = y0, s_y0b, s_y0t, s_y0h, s_y0d
+        si_n, si_h, si_s, si_r, si_c = si0_n, si0_h, si0_s, si0_r, si0_c
+    else:
+        a, s_ab, s_at, s_ah, s_ad = a1, s_a1b, s_a1t, s_a1h, s_a1d
+        b, s_bb, s_bt, s_bh, s_bd = b1, s_b1b, s_b1t, s_b1h, s_b1d
+        c, s_cb, s_ct, s_ch, s_cd = c1, s_c1b, s_c1t, s_c1h, s_c1d
+        y, s_yb, s_yt, s_yh, s_yd = y1, s_y1b, s_y1t, s_y1h, s_y1d
+        si_n, si_h, si_s, si_r, si_c = si1_n, si1_h, si1_s, si1_r, si1_c
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
     a = _seq_start(a, cu_seqlens, i_n, i_h, s_ab, s_at, s_ah, VARLEN)
@@ -218,39 +442,39 @@ def _rev_sweep_kernel(
     m_c = o_c < C
 
     g = tl.load(g2 + i_h).to(tl.float32)
+    key = i_row * n_tiles + i_c
+    if COMBINE:
+        if i_s > 0:
+            b_w = _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, i_c * BC, R, C, BR, BC, BT, True, PREC)
+            _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
+
+    b_g = _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r,
+                        si_c, o_a, o_c, m_a, m_c, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
+
     o_f = o_t.to(tl.float32)
     d_a = tl.exp2(g * (o_f + 1.0))
-    # P[j, i] = lambda^(i-j) (b_j . a_i) for i >= j: rows are keys j, columns queries i
+    # P[j, i] = lambda^(i-j) (b_j . a_i) for i >= j: rows are keys j, columns queries i; -1 marks i < j
     dif = o_f[None, :] - o_f[:, None]
-    d_p = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), 0.0)
-
-    b_g = tl.zeros([BR, BC], dtype=tl.float32)
-    if HAS_S_IN:
-        p_s = s_in + i_n.to(tl.int64) * si_n + i_h * si_h + i_s.to(tl.int64) * si_s
-        b_g += tl.load(p_s + o_a[:, None] * si_r + o_c[None, :] * si_c, mask=m_a[:, None] & m_c[None, :], other=0.0)
+    d_p = tl.where(dif >= 0, tl.exp2(g * tl.maximum(dif, 0.0)), -1.0)
 
     for m in range(0, n_chunks):
-        t0 = t_lo + (n_chunks - 1 - m) * BT
-        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
-        b_b = _load_chunk(b, t_hi, t0, s_bt, s_bd, 0, R, BT, BR)
-        b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
-
-        n = tl.minimum(t_hi - t0, BT).to(tl.float32)
-        d_y = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
-        # computed directly as b a^T (never as a transposed dot result: Triton 3.4-3.7 miscompiles
-        # tl.dot(tl.trans(dot_result), ...) on Hopper)
-        b_p = tl.dot(b_b, tl.trans(b_a), input_precision=PREC) * d_p
-        b_y = tl.dot(b_p.to(b_c.dtype), b_c, input_precision=PREC)
-        b_y += tl.dot(b_b, b_g.to(b_b.dtype), input_precision=PREC) * d_y[:, None]
-        _store_chunk(y, b_y, t_hi, t0, s_yt, s_yd, i_c * BC, C, BT, BC)
-
-        b_ad = (b_a * d_a[:, None]).to(b_a.dtype)
-        b_g = b_g * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
+        b_g = _rev_chunk(a, b, c, y, b_g, t_lo + (n_chunks - 1 - m) * BT, t_hi, s_at, s_ad, s_bt, s_bd, s_ct, s_cd,
+                         s_yt, s_yd, i_c * BC, g, o_f, d_a, d_p, R, C, BR, BC, BT, PREC, False)  # fmt: skip
 
     if STORE_S_OUT:
-        if i_s == 0:
-            p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_a[:, None] * so_r + o_c[None, :] * so_c
-            tl.store(p_so, b_g.to(s_out.dtype.element_ty), mask=m_a[:, None] & m_c[None, :])
+        if role == 0:
+            if i_s == 0:
+                p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_a[:, None] * so_r + o_c[None, :] * so_c
+                tl.store(p_so, b_g.to(s_out.dtype.element_ty), mask=m_a[:, None] & m_c[None, :])
+    # a non-finite input in this segment (its state gradient shows it): run the segment again, causally (rare)
+    if tl.sum(_nonfinite(b_g)) > 0:
+        b_g = _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s,
+                            si_r, si_c, o_a, o_c, m_a, m_c, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
+        for m in range(0, n_chunks):
+            b_g = _rev_chunk(a, b, c, y, b_g, t_lo + (n_chunks - 1 - m) * BT, t_hi, s_at, s_ad, s_bt, s_bd, s_ct,
+                             s_cd, s_yt, s_yd, i_c * BC, g, o_f, d_a, d_p, R, C, BR, BC, BT, PREC, True)  # fmt: skip
+    if COMBINE:
+        _finish(sync, n_tiles * NH * ROLES * n_seg)
 
 
 @triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
@@ -262,11 +486,9 @@ def _seg_local_kernel(
     R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     REVERSE: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One segment's own state contribution, w [B, H, n_seg, R, C] fp32 (contiguous). Grid (C tiles, n_seg - 1, B*H).
-
-    forward (a = K, c = V, segments 0..n_seg-2): W_s = sum_j lambda^(end-1-j) a_j^T c_j  (decayed to the segment end)
-    reverse (a = Q, c = dO, segments 1..n_seg-1): W_s = sum_i lambda^(i-start+1) a_i^T c_i  (to before its start)
-    """
+    """Two-launch segment scheme, first launch: every segment's ``_local_state``, w [B, H, n_seg, R, C] fp32
+    (contiguous). Grid (C tiles, n_seg - 1, B*H): forward segments 0..n_seg-2 (a = K, c = V), reverse
+    1..n_seg-1 (a = Q, c = dO)."""
     i_c, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if REVERSE:
         i_s += 1
@@ -275,34 +497,12 @@ def _seg_local_kernel(
     c += i_n.to(tl.int64) * s_cb + i_h.to(tl.int64) * s_ch
     t_lo = i_s * seg_len
     t_hi = tl.minimum(t_lo + seg_len, T)
-    n_chunks = tl.cdiv(t_hi - t_lo, BT)
-
-    o_t = tl.arange(0, BT)
+    g = tl.load(g2 + i_h).to(tl.float32)
+    b_w = _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, i_c * BC, R, C, BR, BC, BT, REVERSE, PREC)
     o_a = tl.arange(0, BR)
     o_c = i_c * BC + tl.arange(0, BC)
-    m_a = o_a < R
-    m_c = o_c < C
-    g = tl.load(g2 + i_h).to(tl.float32)
-    o_f = o_t.to(tl.float32)
-
-    b_w = tl.zeros([BR, BC], dtype=tl.float32)
-    for m in range(0, n_chunks):
-        if REVERSE:
-            t0 = t_lo + (n_chunks - 1 - m) * BT
-        else:
-            t0 = t_lo + m * BT
-        b_a = _load_chunk(a, t_hi, t0, s_at, s_ad, 0, R, BT, BR)
-        b_c = _load_chunk(c, t_hi, t0, s_ct, s_cd, i_c * BC, C, BT, BC)
-        n = tl.minimum(t_hi - t0, BT).to(tl.float32)
-        if REVERSE:
-            d = tl.exp2(g * (o_f + 1.0))
-        else:
-            d = tl.where(o_f < n, tl.exp2(g * tl.maximum(n - 1.0 - o_f, 0.0)), 0.0)
-        b_ad = (b_a * d[:, None]).to(b_a.dtype)
-        b_w = b_w * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
-
     p_w = w + (i_nh.to(tl.int64) * n_seg + i_s) * (R * C)
-    tl.store(p_w + o_a[:, None] * C + o_c[None, :], b_w, mask=m_a[:, None] & m_c[None, :])
+    tl.store(p_w + o_a[:, None] * C + o_c[None, :], b_w, mask=(o_a < R)[:, None] & (o_c < C)[None, :])
 
 
 @triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
@@ -312,7 +512,8 @@ def _seg_scan_kernel(
     s0_n, s0_h, s0_r, s0_c,
     C: tl.constexpr, RC: tl.constexpr, BLOCK: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    """Chains segment states; w, out [B, H, n_seg, R, C] fp32 contiguous. Grid (cdiv(R*C, BLOCK), B*H).
+    """Two-launch segment scheme, second launch: chains segment states; w, out [B, H, n_seg, R, C] fp32
+    contiguous. Grid (cdiv(R*C, BLOCK), B*H).
 
     forward: out[0] = s0 (h0), out[s] = lambda^seg_len out[s-1] + w[s-1]   (state entering segment s)
     reverse: out[-1] = s0 (dht), out[s] = lambda^len(s+1) out[s+1] + w[s+1] (state gradient at segment s's end)
@@ -449,33 +650,112 @@ def _state_strides(s: torch.Tensor | None, transpose: bool = False, per_seg: boo
     return (n, h, sg, r, c)
 
 
-def _sweep(kernel, a, b, c, y, g2, s_in, s_in_strides, s_out, cu_seqlens, n_seg, seg_len, N, tile):
-    """Launch a sweep kernel: y [.., C] from a, b [.., R] and c [.., C], in C tiles; s_out (optional) gets the
-    state after the last token (forward) or before the first (reverse)."""
+# Combining segments inside the sweeps needs a ticket counter and per-segment flags that outlive one launch:
+# one set per (device, stream), grown on demand. Earlier (smaller) flag buffers are kept alive, because a
+# captured CUDA graph may still point at them.
+_SYNC: dict = {}
+_RETIRED: list = []
+
+
+def _sync_buffers(device: torch.device, n_flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    sync, flags = _SYNC.get(key, (None, None))
+    if sync is None:
+        sync = torch.zeros(4, dtype=torch.int32, device=device)
+    if flags is None or flags.numel() < n_flags:
+        if flags is not None:
+            _RETIRED.append(flags)
+        # zeros are older than every epoch: flags wait for epoch + 1 >= 1
+        flags = torch.zeros(max(n_flags, 4096), dtype=torch.int32, device=device)
+        _SYNC[key] = (sync, flags)
+    return sync, flags
+
+
+def _fused(n_seg: int) -> bool:
+    return n_seg > 1 and CONFIG.fused_segments
+
+
+def _fwd_sweep(a, b, c, y, g2, s_in, s_in_strides, s_out, s_seg, cu_seqlens, n_seg, seg_len, N, tile, combine):
+    """Forward-direction sweep: y [.., C] from a, b [.., R] and c [.., C], in C tiles; s_out (optional) gets the
+    state after the last token; combine: segment states formed in the kernel (s_in = h0), saved to s_seg."""
     B, T, H, R = a.shape
     C = c.shape[-1]
     BR = _pow2(R)
     bt, tile = _chunk_tile(BR, tile)
     BC = min(_pow2(C), tile) if tile else _pow2(C)
+    n_tiles = triton.cdiv(C, BC)
     so = _state_strides(s_out)
-    grid = (triton.cdiv(C, BC), n_seg, N * H)
+    ws = sync = flags = None
+    if combine:
+        ws = torch.empty(N * H * n_tiles * n_seg * BR * BC, dtype=torch.float32, device=a.device)
+        sync, flags = _sync_buffers(a.device, N * H * n_tiles * n_seg)
     args = (
-        a, b, c, y, g2, s_in, s_out, cu_seqlens,
-        T, H, seg_len, n_seg,
+        a, b, c, y, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync,
+        T, H, N * H, seg_len, n_seg, n_tiles,
         *_bt_strides(a), *_bt_strides(b), *_bt_strides(c), *_bt_strides(y),
         *s_in_strides, so[0], so[1], so[3], so[4],
     )  # fmt: skip
     meta = dict(
         R=R, C=C, BR=BR, BC=BC, BT=bt,
         HAS_S_IN=s_in is not None, STORE_S_OUT=s_out is not None, VARLEN=cu_seqlens is not None,
-        PREC=_prec(a.dtype), num_warps=_warps(BR, BC),
+        PREC=_prec(a.dtype), COMBINE=combine, STORE_SEG=s_seg is not None, num_warps=_warps(BR, BC),
     )  # fmt: skip
-    _launch(kernel, grid, args, meta)
+    grid = (n_tiles * n_seg * N * H,) if combine else (n_tiles, n_seg, N * H)
+    _launch(_fwd_sweep_kernel, grid, args, meta)
+
+
+def _same_kinds(x: tuple, y: tuple) -> bool:
+    """Triton turns an int argument equal to 1 into a constant and one past int32 into an int64: the two roles
+    of one launch select their strides at run time, so they need the same kinds."""
+    return all((p == 1) == (r == 1) and abs(p) < 2**31 and abs(r) < 2**31 for p, r in zip(x, y, strict=True))
+
+
+def _rev_sweeps(roles, g2, s_in, s_out, cu_seqlens, n_seg, seg_len, N, tile, combine):
+    """Reverse-direction sweeps, one per role (a, b, c, y, s_in strides): y [.., C] from a, b [.., R], c [.., C];
+    s_out (optional) gets role 0's G before the first token. Roles of equal widths share one launch."""
+    groups = [roles]
+    a0, _, c0, _, _ = roles[0]
+    if len(roles) == 2:
+        a1, _, c1, _, _ = roles[1]
+        st = [sum((_bt_strides(x) for x in r[:4]), ()) for r in roles]
+        if a0.shape[-1] != a1.shape[-1] or c0.shape[-1] != c1.shape[-1] or not _same_kinds(*st):
+            groups = [[roles[0]], [roles[1]]]
+    for gi, group in enumerate(groups):
+        a, _, c, _, _ = group[0]
+        B, T, H, R = a.shape
+        C = c.shape[-1]
+        BR = _pow2(R)
+        bt, tile_g = _chunk_tile(BR, tile)
+        BC = min(_pow2(C), tile_g) if tile_g else _pow2(C)
+        n_tiles = triton.cdiv(C, BC)
+        n_roles = len(group)
+        s_out_g = s_out if gi == 0 else None
+        so = _state_strides(s_out_g)
+        ws = sync = flags = None
+        if combine:
+            ws = torch.empty(n_roles * N * H * n_tiles * n_seg * BR * BC, dtype=torch.float32, device=a.device)
+            sync, flags = _sync_buffers(a.device, n_roles * N * H * n_tiles * n_seg)
+        r0 = group[0]
+        r1 = group[-1]
+        args = (
+            *r0[:4], *r1[:4], g2, s_in, s_out_g, cu_seqlens, ws, flags, sync,
+            T, H, N * H, seg_len, n_seg, n_tiles,
+            *(s for x in r0[:4] for s in _bt_strides(x)), *(s for x in r1[:4] for s in _bt_strides(x)),
+            *r0[4], *r1[4], so[0], so[1], so[3], so[4],
+        )  # fmt: skip
+        meta = dict(
+            R=R, C=C, BR=BR, BC=BC, BT=bt, ROLES=n_roles,
+            HAS_S_IN=s_in is not None, STORE_S_OUT=s_out_g is not None, VARLEN=cu_seqlens is not None,
+            PREC=_prec(a.dtype), COMBINE=combine, num_warps=_warps(BR, BC),
+        )  # fmt: skip
+        grid = (n_tiles * n_seg * N * H * n_roles,) if combine else (n_tiles, n_seg, N * H * n_roles)
+        _launch(_rev_sweep_kernel, grid, args, meta)
 
 
 def _segment_states(a, c, g2, s0, n_seg, seg_len, reverse, tile):
-    """[B, H, n_seg, R, C] fp32: the state entering each segment (forward; s0 = h0), or the state gradient at
-    each segment's end (reverse; s0 = dht)."""
+    """Two-launch segment scheme: [B, H, n_seg, R, C] fp32, the state entering each segment (forward; s0 = h0),
+    or the state gradient at each segment's end (reverse; s0 = dht)."""
     B, T, H, R = a.shape
     C = c.shape[-1]
     BR = _pow2(R)
@@ -511,16 +791,21 @@ class LightningAttentionFunction(torch.autograd.Function):
         tile = CONFIG.fwd_tile
         BV = min(_pow2(V), tile) if tile else _pow2(V)
         n_seg, seg_len = plan_segments(N * H, T, triton.cdiv(V, BV), varlen, q.device)
+        combine = _fused(n_seg)
+        needs_grad = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[4]
 
         o = _empty_like_bt(q, V)
         ht = _poison(torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)) if output_final_state else None
         s_seg = None
-        if n_seg > 1:
+        if n_seg > 1 and not combine:
             s_seg = _segment_states(k, v, g2, initial_state, n_seg, seg_len, False, tile)
             s_in, s_in_strides = s_seg, _state_strides(s_seg, per_seg=True)
         else:
             s_in, s_in_strides = initial_state, _state_strides(initial_state)
-        _sweep(_fwd_sweep_kernel, q, k, v, o, g2, s_in, s_in_strides, ht, cu_seqlens, n_seg, seg_len, N, tile)
+        s_store = None
+        if combine and needs_grad:
+            s_seg = s_store = torch.empty(N, H, n_seg, K, V, dtype=torch.float32, device=q.device)
+        _fwd_sweep(q, k, v, o, g2, s_in, s_in_strides, ht, s_store, cu_seqlens, n_seg, seg_len, N, tile, combine)
 
         ctx.save_for_backward(q, k, v, g2, initial_state, s_seg, cu_seqlens)
         ctx.plan = (N, n_seg, seg_len)
@@ -531,6 +816,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         q, k, v, g2, h0, s_seg, cu_seqlens = ctx.saved_tensors
         N, n_seg, seg_len = ctx.plan
         want_dh0 = h0 is not None and ctx.needs_input_grad[4]
+        combine = _fused(n_seg)
 
         # dQ: the forward recurrence of (dO, V, K) from the transposed states
         dq = _empty_like_bt(q, q.shape[-1])
@@ -539,10 +825,10 @@ class LightningAttentionFunction(torch.autograd.Function):
         else:
             s_in, s_in_strides = h0, _state_strides(h0, transpose=True)
         tile = CONFIG.fwd_tile
-        _sweep(_fwd_sweep_kernel, do, v, k, dq, g2, s_in, s_in_strides, None, cu_seqlens, n_seg, seg_len, N, tile)
+        _fwd_sweep(do, v, k, dq, g2, s_in, s_in_strides, None, None, cu_seqlens, n_seg, seg_len, N, tile, False)
 
-        # the state gradient at every segment's end
-        if n_seg > 1:
+        # the state gradient at every segment's end: from dht (in the kernels when combining)
+        if n_seg > 1 and not combine:
             ds_seg = _segment_states(q, do, g2, dht, n_seg, seg_len, True, CONFIG.rev_tile)
             g_in, g_dv, g_dk = ds_seg, _state_strides(ds_seg, per_seg=True), _state_strides(ds_seg, True, True)
         else:
@@ -550,9 +836,9 @@ class LightningAttentionFunction(torch.autograd.Function):
 
         dh0 = _poison(torch.empty(h0.shape, dtype=torch.float32, device=q.device)) if want_dh0 else None
         dv = _empty_like_bt(v, v.shape[-1])
-        _sweep(_rev_sweep_kernel, q, k, do, dv, g2, g_in, g_dv, dh0, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
         dk = _empty_like_bt(k, k.shape[-1])
-        _sweep(_rev_sweep_kernel, do, v, q, dk, g2, g_in, g_dk, None, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile)
+        roles = [(q, k, do, dv, g_dv), (do, v, q, dk, g_dk)]
+        _rev_sweeps(roles, g2, g_in, dh0, cu_seqlens, n_seg, seg_len, N, CONFIG.rev_tile, combine)
         if dh0 is not None:
             dh0 = dh0.to(h0.dtype)
         return dq, dk, dv, None, dh0, None, None

@@ -13,7 +13,10 @@ No softmax, no scale, no denominator. Three independent forms compute it:
 * ``recurrent``: the token-by-token recurrence, what decoding does.
 
 Every form only ever raises lambda to powers >= 0, so strong decays underflow to 0 instead of
-overflowing. All arithmetic runs in fp32 (fp64 when any input is fp64); outputs are cast to q's dtype.
+overflowing. Causality holds for non-finite inputs too: the masked (T x T) products select (never multiply by
+a 0 mask) and ``_tri_matmul`` keeps a NaN / inf at position t out of every output row that does not depend on
+t, in the forward and the backward (a NaN in v_t reaches o_s only for s >= t; in do_t, dk_s and dv_s only for
+s <= t). All arithmetic runs in fp32 (fp64 when any input is fp64); outputs are cast to q's dtype.
 Layout: q, k [B, T, H, Dk]; v [B, T, H, Dv]; slope [H]; states [N, H, Dk, Dv] fp32.
 """
 
@@ -61,6 +64,52 @@ def _decay_mask(s: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros((), dtype=s.dtype, device=s.device))
 
 
+def _tri_matmul(m: torch.Tensor, x: torch.Tensor, lower: bool) -> torch.Tensor:
+    """m @ x for a lower (row i uses x_j, j <= i) or upper (j >= i) triangular m [.., n, n], x [.., n, D].
+
+    A plain product turns 0 * NaN above the triangle into NaN: non-finite entries of x are zeroed for the
+    product instead, and y[i, c] is set to NaN exactly where some x[j, c] inside row i's triangle is non-finite.
+    """
+    finite = torch.isfinite(x)
+    y = m @ torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if not bool(finite.all()):
+        n = x.shape[-2]
+        tri = torch.ones(n, n, dtype=x.dtype, device=x.device)
+        tri = tri.tril() if lower else tri.triu()
+        reach = tri @ (~finite).to(x.dtype)
+        y = torch.where(reach > 0, torch.full((), float("nan"), dtype=y.dtype, device=y.device), y)
+    return y
+
+
+class _IntraChunk(torch.autograd.Function):
+    """O = A V with A = where(i >= j, (Q K^T) * D, 0): every masked product through ``_tri_matmul``, so a
+    non-finite input reaches only the outputs (and gradients) that depend on it. q, k [B, H, n, Dk];
+    v [B, H, n, Dv]; decay [1, H, n, n] (lower triangular, not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, decay):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        a = torch.where(causal, (q @ k.transpose(-1, -2)) * decay, zero)
+        ctx.save_for_backward(q, k, v, decay)
+        return _tri_matmul(a, v, lower=True)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, decay = ctx.saved_tensors
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        a = torch.where(causal, (q @ k.transpose(-1, -2)) * decay, zero)
+        # dA_ij = do_i . v_j, kept only for j <= i (a select: v_j beyond row i never enters)
+        ds = torch.where(causal, (do @ v.transpose(-1, -2)) * decay, zero)
+        dq = _tri_matmul(ds, k, lower=True)
+        dk = _tri_matmul(ds.transpose(-1, -2), q, lower=False)
+        dv = _tri_matmul(a.transpose(-1, -2), do, lower=False)
+        return dq, dk, dv, None
+
+
 def _prepare(q, k, v, slope, initial_state):
     """[B, T, H, D] inputs -> [B, H, T, D] in the compute dtype; slope -> [1, H, 1, 1]; state [B, H, Dk, Dv]."""
     dtype = _compute_dtype(q, k, v, initial_state)
@@ -91,8 +140,7 @@ def lightning_attention_quadratic(
     qh, kh, vh, s, state = _prepare(q, k, v, slope, initial_state)
     T = qh.shape[2]
     t = torch.arange(T, device=q.device, dtype=qh.dtype)
-    mask = _decay_mask(s, T)
-    o = ((qh @ kh.transpose(-1, -2)) * mask) @ vh
+    o = _IntraChunk.apply(qh, kh, vh, _decay_mask(s, T))
     o = o + torch.exp(-s * (t + 1)[:, None]) * (qh @ state)
     final = None
     if output_final_state:
@@ -123,8 +171,7 @@ def lightning_attention_chunked(
         c = min(chunk_size, T - start)
         qc, kc, vc = qh[:, :, start : start + c], kh[:, :, start : start + c], vh[:, :, start : start + c]
         i = torch.arange(c, device=q.device, dtype=qh.dtype)
-        intra = _decay_mask(s, c)
-        o = ((qc @ kc.transpose(-1, -2)) * intra) @ vc + torch.exp(-s * (i + 1)[:, None]) * (qc @ state)
+        o = _IntraChunk.apply(qc, kc, vc, _decay_mask(s, c)) + torch.exp(-s * (i + 1)[:, None]) * (qc @ state)
         outs.append(o)
         k_decay = torch.exp(-s * (c - 1 - i)[:, None])
         state = torch.exp(-s * c) * state + (kc * k_decay).transpose(-1, -2) @ vc
