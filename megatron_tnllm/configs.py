@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
 
-__all__ = ["PRESETS", "TNLConfig", "get_preset"]
+__all__ = ["HYBRID_PRESETS", "PRESETS", "TNLConfig", "get_preset", "softmax_every"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class TNLConfig:
         vocab_size: tokenizer vocabulary (64000 for the released Baichuan-7B tokenizer).
         scale_embedding: multiply token embeddings by sqrt(D) (HF ``no_scale_embedding`` false).
         lrpe_layers: 0-based indices of the layers whose q, k get LRPE (released models: layer 0).
+        softmax_layers: 0-based indices of the layers that use softmax attention instead of the TNL token
+            mixer (hybrid models, see :mod:`megatron_tnllm.hybrid`; empty for TNL itself).
         norm_eps: epsilon of every SRMSNorm.
         seq_length: default training sequence length for :meth:`to_megatron_args`.
         source: where the shape comes from.
@@ -42,6 +44,7 @@ class TNLConfig:
     vocab_size: int = 64000
     scale_embedding: bool = False
     lrpe_layers: tuple[int, ...] = (0,)
+    softmax_layers: tuple[int, ...] = ()
     norm_eps: float = 1e-6
     seq_length: int = 2048
     source: str = ""
@@ -54,6 +57,14 @@ class TNLConfig:
         bad = [i for i in self.lrpe_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"{self.name}: lrpe_layers {bad} outside 0..{self.num_layers - 1}")
+        bad = [i for i in self.softmax_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"{self.name}: softmax_layers {bad} outside 0..{self.num_layers - 1}")
+        both = sorted(set(self.softmax_layers) & set(self.lrpe_layers))
+        if both:
+            raise ValueError(
+                f"{self.name}: layers {both} are in both lrpe_layers and softmax_layers; expected disjoint"
+            )
         for field in ("num_layers", "hidden_size", "num_heads", "glu_size", "vocab_size", "seq_length"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{self.name}: {field} must be positive, got {getattr(self, field)}")
@@ -78,7 +89,13 @@ class TNLConfig:
         """Parameters with the embedding tied to the output layer (what the HF checkpoints hold)."""
         D, G = self.hidden_size, self.glu_size
         per_layer = 4 * D * D + D * D + 3 * D * G
-        return self.vocab_size * D + self.num_layers * per_layer + len(self.lrpe_layers) * D
+        softmax_saving = D * D  # a softmax layer projects to q, k, v: no gate u
+        return (
+            self.vocab_size * D
+            + self.num_layers * per_layer
+            + len(self.lrpe_layers) * D
+            - len(self.softmax_layers) * softmax_saving
+        )
 
     def to_transformer_config(self, **overrides) -> TransformerConfig:
         """The Megatron-Core ``TransformerConfig`` of this shape; ``overrides`` set any of its fields
@@ -131,7 +148,7 @@ class TNLConfig:
             "--no-bias-dropout-fusion",
             "--no-create-attention-mask-in-dataloader",
             "--spec",
-            "megatron_tnllm.specs",
+            "megatron_tnllm.hybrid" if self.softmax_layers else "megatron_tnllm.specs",
             self.spec_name,
         ]
 
@@ -155,25 +172,55 @@ PRESETS: dict[str, TNLConfig] = {
 }
 
 
+def softmax_every(num_layers: int, every: int) -> tuple[int, ...]:
+    """The softmax layers of a hybrid: the last of every ``every`` layers, 0-based (every=8: 7, 15, ...).
+
+    MiniMax-01's layout (one softmax layer after every seven lightning layers). Layer 0 always stays
+    TNL (it holds LRPE); a tail shorter than ``every`` gets no softmax layer.
+    """
+    if every < 2:
+        raise ValueError(f"every={every}: a hybrid needs at least one TNL layer per softmax layer (every >= 2)")
+    return tuple(range(every - 1, num_layers, every))
+
+
+def _hybrid(base: TNLConfig, every: int) -> TNLConfig:
+    layers = softmax_every(base.num_layers, every)
+    return base.replace(
+        name=f"{base.name}-hybrid",
+        softmax_layers=layers,
+        source=f"{base.name}, softmax attention on {len(layers)} of {base.num_layers} layers (every {every})",
+    )
+
+
+# Same widths as the TNL presets; tnl-tiny alternates so that both stages of a 2-stage pipeline hold one.
+HYBRID_PRESETS: dict[str, TNLConfig] = {
+    h.name: h for h in (_hybrid(p, 2 if p.name == "tnl-tiny" else 8) for p in PRESETS.values())
+}
+
+
 def get_preset(name: str) -> TNLConfig:
-    """The preset called ``name`` (e.g. "tnl-1b"; "tnl_1b" works too)."""
+    """The preset called ``name`` (e.g. "tnl-1b" or "tnl-1b-hybrid"; "tnl_1b" works too)."""
     key = name.replace("_", "-").lower()
-    if key not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    return PRESETS[key]
+    for presets in (PRESETS, HYBRID_PRESETS):
+        if key in presets:
+            return presets[key]
+    raise KeyError(f"unknown preset {name!r}; expected one of {', '.join([*PRESETS, *HYBRID_PRESETS])}")
 
 
-def _table() -> str:
-    head = f"{'preset':<10} {'layers':>6} {'D':>6} {'heads':>5} {'dh':>4} {'G':>6} {'s_emb':>6} {'params':>16}  source"
+def _table(presets: list[TNLConfig], width: int = 10) -> str:
+    columns = f"{'layers':>6} {'D':>6} {'heads':>5} {'dh':>4} {'G':>6} {'s_emb':>6} {'params':>16}  source"
+    head = f"{'preset':<{width}} {columns}"
     rows = [head, "-" * len(head)]
-    for p in PRESETS.values():
+    for p in presets:
         s_emb = f"{p.embedding_scale:.2f}" if p.scale_embedding else "1"
         rows.append(
-            f"{p.name:<10} {p.num_layers:>6} {p.hidden_size:>6} {p.num_heads:>5} {p.head_dim:>4} {p.glu_size:>6} "
-            f"{s_emb:>6} {p.num_parameters():>16,}  {p.source}"
+            f"{p.name:<{width}} {p.num_layers:>6} {p.hidden_size:>6} {p.num_heads:>5} {p.head_dim:>4} "
+            f"{p.glu_size:>6} {s_emb:>6} {p.num_parameters():>16,}  {p.source}"
         )
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print(_table())
+    print(_table(list(PRESETS.values())))
+    print()
+    print(_table(list(HYBRID_PRESETS.values()), width=16))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_tnllm.configs import PRESETS
+from megatron_tnllm.spec_table import spec_info
 
 CHUNK = 64
 
@@ -48,10 +48,10 @@ def tnl_training_flops(args: argparse.Namespace, tokens: int) -> float:
     """Training FLOPs (forward + backward) for ``tokens`` tokens, from ``pretrain_gpt.py`` args.
 
     Called by Megatron-LM's ``num_floating_point_operations`` when patched with
-    ``patches/core_v0.19.0-tnl-flops.patch``; the LRPE layers come from the spec NAME.
+    ``patches/core_v0.19.0-tnl-flops.patch``; the LRPE layers are those of the spec NAME
+    (:data:`megatron_tnllm.spec_table.SPECS`).
     """
-    preset = PRESETS.get(args.spec[1].replace("_", "-"))
-    lrpe_layers = len(preset.lrpe_layers) if preset is not None else 1
+    lrpe_layers = len(spec_info(args.spec[1]).lrpe_layers)
     per_token = tnl_forward_flops_per_token(
         args.num_layers,
         args.hidden_size,

@@ -2,7 +2,8 @@
 
 Every NAME below is a callable ``NAME(config, vp_stage=None)`` returning the
 ``TransformerBlockSubmodules`` of this pipeline stage: TNL decoder layers and a weightless final
-SRMSNorm (a plain layer spec would get Megatron's default final norm, which has a weight).
+SRMSNorm (a plain layer spec would get Megatron's default final norm, which has a weight). Which
+LRPE layers and embedding scale a NAME means is the row of :data:`megatron_tnllm.spec_table.SPECS`:
 
 * ``tnl_tiny``, ``tnl_385m``, ``tnl_1b``, ``tnl_3b``, ``tnl_7b``, ``tnl_13b``, ``tnl_65b``,
   ``tnl_175b``: the presets of :mod:`megatron_tnllm.configs`. They check that the command line's
@@ -15,7 +16,6 @@ SRMSNorm (a plain layer spec would get Megatron's default final norm, which has 
 from __future__ import annotations
 
 import functools
-import math
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -24,11 +24,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
-from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.layers.norms import SRMSNorm
 from megatron_tnllm.layers.sglu import SGLU
 from megatron_tnllm.layers.token_mixer import TokenMixer, TokenMixerSubmodules
 from megatron_tnllm.layers.transformer_layer import TNLTransformerLayer
+from megatron_tnllm.spec_table import SPECS, SpecInfo
 
 __all__ = [
     "tnl",
@@ -106,32 +107,29 @@ def _check_shape(preset: TNLConfig, tcfg) -> None:
         raise ValueError(f"spec {preset.spec_name} is preset {preset.name}, which needs " + ", ".join(wrong))
 
 
-def _preset_spec(preset: TNLConfig):
-    def spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-        _check_shape(preset, getattr(config, "transformer", config))
-        return tnl_block_spec(config, vp_stage, lrpe_layers=preset.lrpe_layers, embedding_scale=preset.embedding_scale)
+def _block_spec(info: SpecInfo):
+    """The ``--spec`` callable of one row of the spec table."""
 
-    spec.__name__ = spec.__qualname__ = preset.spec_name
-    spec.__doc__ = f"Block spec of preset {preset.name} (checks the shape, adds its LRPE layers and embedding scale)."
+    def spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+        tcfg = getattr(config, "transformer", config)
+        if info.preset is not None:
+            _check_shape(info.preset, tcfg)
+        return tnl_block_spec(
+            config, vp_stage, lrpe_layers=info.lrpe_layers, embedding_scale=info.embedding_scale(tcfg.hidden_size)
+        )
+
+    spec.__name__ = spec.__qualname__ = info.name
+    spec.__doc__ = info.describe()
     return spec
 
 
-def tnl(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Any shape: LRPE on layer 0, no embedding scale."""
-    return tnl_block_spec(config, vp_stage)
-
-
-def tnl_scaled_embedding(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Any shape: LRPE on layer 0, embeddings scaled by sqrt(hidden size)."""
-    tcfg = getattr(config, "transformer", config)
-    return tnl_block_spec(config, vp_stage, embedding_scale=math.sqrt(tcfg.hidden_size))
-
-
-tnl_tiny = _preset_spec(PRESETS["tnl-tiny"])
-tnl_385m = _preset_spec(PRESETS["tnl-385m"])
-tnl_1b = _preset_spec(PRESETS["tnl-1b"])
-tnl_3b = _preset_spec(PRESETS["tnl-3b"])
-tnl_7b = _preset_spec(PRESETS["tnl-7b"])
-tnl_13b = _preset_spec(PRESETS["tnl-13b"])
-tnl_65b = _preset_spec(PRESETS["tnl-65b"])
-tnl_175b = _preset_spec(PRESETS["tnl-175b"])
+tnl_tiny = _block_spec(SPECS["tnl_tiny"])
+tnl_385m = _block_spec(SPECS["tnl_385m"])
+tnl_1b = _block_spec(SPECS["tnl_1b"])
+tnl_3b = _block_spec(SPECS["tnl_3b"])
+tnl_7b = _block_spec(SPECS["tnl_7b"])
+tnl_13b = _block_spec(SPECS["tnl_13b"])
+tnl_65b = _block_spec(SPECS["tnl_65b"])
+tnl_175b = _block_spec(SPECS["tnl_175b"])
+tnl = _block_spec(SPECS["tnl"])
+tnl_scaled_embedding = _block_spec(SPECS["tnl_scaled_embedding"])

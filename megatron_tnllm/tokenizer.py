@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megatron_tnllm.signals import sigterm_raises
+
 
 def train_sentencepiece(text: str, model_prefix: Path, vocab_size: int, num_threads: int = 2) -> Path:
     """Trains BPE on the non-empty lines of ``text``; returns ``{model_prefix}.model``.
@@ -23,7 +25,8 @@ def train_sentencepiece(text: str, model_prefix: Path, vocab_size: int, num_thre
     Raises ValueError (one line) for a ``vocab_size`` that is not a positive integer, text with no non-blank line
     or with characters UTF-8 cannot encode, and a vocabulary the text cannot fill. SentencePiece works in a
     temporary directory beside ``model_prefix``, removed whatever happens; ``.vocab`` and then ``.model`` are
-    renamed into place only when training succeeded, so a ``.model`` that exists is complete.
+    renamed into place only when training succeeded, so a ``.model`` that exists is complete. SIGTERM raises
+    :class:`megatron_tnllm.signals.Interrupted` after the same clean-up.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size!r}: expected a positive integer")
@@ -35,6 +38,11 @@ def train_sentencepiece(text: str, model_prefix: Path, vocab_size: int, num_thre
     except UnicodeEncodeError as e:
         raise ValueError(f"the text is not valid UTF-8: {e.reason} at character {e.start}") from None
     model_prefix = Path(model_prefix)
+    with sigterm_raises():  # SIGTERM, like an error or SIGINT, removes the temporary directory
+        return _train_in_staging(data, model_prefix, vocab_size, num_threads)
+
+
+def _train_in_staging(data: bytes, model_prefix: Path, vocab_size: int, num_threads: int) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{model_prefix.name}.tmp-", dir=model_prefix.parent))
     try:
         (staging / "train.txt").write_bytes(data)

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from tests.testing import rel_err  # noqa: F401  (tests/test_hybrid_parallel.py still imports it from here)
+
 BATCH, SEQ = 2, 64
 
 
@@ -50,10 +52,6 @@ def grads_into_params(model) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.grad)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def sharded_tensors(sharded_state_dict: dict) -> list[ShardedTensor]:

@@ -15,6 +15,7 @@ from megatron_tnllm.hf import TransnormerCache, TransnormerConfig, TransnormerFo
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD
 from megatron_tnllm.layers.lrpe import lrpe_theta_init
 from tests.hf_helpers import TINY, tiny_model
+from tests.testing import rel_err
 
 GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
@@ -27,10 +28,6 @@ def model():
 def _prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, TINY.vocab_size, (n,), generator=g) for n in lengths]
-
-
-def _close(a, b, tol=1e-4):
-    return ((a - b).norm() / b.norm()).item() <= tol
 
 
 def test_released_layout_names_and_shapes(model):
@@ -90,7 +87,7 @@ def test_loads_in_each_dtype(tmp_path, model, dtype):
     with torch.no_grad():
         out = loaded(tokens, use_cache=True)
         reference = model(tokens).logits
-    assert out.logits.dtype == dtype and _close(out.logits.float(), reference, tol=3e-2)
+    assert out.logits.dtype == dtype and rel_err(out.logits, reference) <= 3e-2
     assert all(s.dtype == torch.float32 for s in getattr(out, CACHE_FIELD).states)
     generated = loaded.generate(tokens, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 28)
@@ -117,7 +114,7 @@ def test_incremental_forward_equals_full_forward(model):
         for t in range(31, 40):  # then one token at a time
             pieces.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
     assert cache.seen_tokens == 40 and cache.positions.tolist() == [40]
-    assert _close(torch.cat(pieces, dim=1), full, tol=1e-5)
+    assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-5
 
 
 def test_cache_is_constant_size(model):
@@ -143,7 +140,7 @@ def test_greedy_with_cache_equals_recomputation(model):
     cached = model.generate(prompt, do_sample=False, **GEN)
     recomputed = model.generate(prompt, do_sample=False, use_cache=False, **GEN)
     assert torch.equal(cached.sequences, recomputed.sequences)
-    assert _close(torch.stack(cached.logits), torch.stack(recomputed.logits), tol=1e-5)
+    assert rel_err(torch.stack(cached.logits), torch.stack(recomputed.logits)) <= 1e-5
 
 
 def test_sampling_with_cache_equals_recomputation(model):
@@ -178,7 +175,7 @@ def test_left_padded_batch_equals_each_prompt_alone(model):
         alone = model.generate(p[None], do_sample=False, **GEN)
         assert torch.equal(_generated(batched, width)[row], _generated(alone, len(p))[0])
         step_logits = torch.stack([step[row] for step in batched.logits])
-        assert _close(step_logits, torch.stack([step[0] for step in alone.logits]), tol=1e-5)
+        assert rel_err(step_logits, torch.stack([step[0] for step in alone.logits])) <= 1e-5
     # and with beam search on the padded batch
     beams = dict(num_beams=3, do_sample=False)
     padded = model.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)

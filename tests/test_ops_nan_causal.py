@@ -4,7 +4,7 @@ Dependencies of the operator (o_s = sum_{j <= s} lambda^(s-j) (q_s . k_j) v_j): 
 <= s, dk_s and dv_s on positions >= s (and dk_s on v_s, dv_s on k_s). ``check_nan_stays_causal`` plants a NaN or
 inf in one input at (t, head, column) and checks that every output that does not depend on it equals the fp64
 reference on the clean inputs, and that the ones that do are non-finite. The same check runs the Triton kernels
-under the interpreter (tests/test_kernels_interpret.py) and on a GPU (tests/test_kernels_gpu.py).
+under the interpreter and on a GPU (tests/test_kernels.py).
 """
 
 from __future__ import annotations

@@ -5,16 +5,20 @@ import math
 import pytest
 import torch
 
-from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+from megatron_tnllm.ops import (
+    backend,
+    lightning_attention,
+    lightning_attention_step,
+    norm_gate_rstd,
+    srmsnorm,
+    srmsnorm_gate,
+)
 from megatron_tnllm.ops.lightning_attn import (
     lightning_attention_chunked,
     lightning_attention_quadratic,
     lightning_attention_recurrent,
 )
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+from tests.testing import alibi, rel_err
 
 
 def make_inputs(B, T, H, Dk, Dv, seed, dtype=torch.float64):
@@ -26,7 +30,7 @@ def make_inputs(B, T, H, Dk, Dv, seed, dtype=torch.float64):
 
 
 SLOPES = {
-    "alibi": lambda H: torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64),
+    "alibi": lambda H: alibi(H, torch.float64),
     "zero": lambda H: torch.zeros(H, dtype=torch.float64),
     "strong": lambda H: torch.full((H,), 8.0, dtype=torch.float64),
     "mixed": lambda H: torch.tensor([0.0, 8.0, 0.5, 1e-4][:H], dtype=torch.float64),
@@ -144,3 +148,30 @@ def test_srmsnorm_reference():
     assert torch.allclose(y.pow(2).mean(-1), torch.ones(3, 5, dtype=torch.float64), rtol=1e-5)
     xb = x.to(torch.bfloat16)
     assert srmsnorm(xb).dtype == torch.bfloat16
+
+
+def test_gated_norm_references():
+    """srmsnorm_gate = srmsnorm(x) * u, and norm_gate_rstd with the full row's rstd gives the same (fp64, torch)."""
+    g = torch.Generator().manual_seed(4)
+    x, u = (torch.randn(3, 5, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * u
+    assert rel_err(srmsnorm_gate(x, u, 1e-6), expected) < 1e-14
+    rstd = torch.rsqrt(x.pow(2).sum(-1) / 64 + 1e-6)
+    assert rel_err(norm_gate_rstd(x, u, rstd), expected) < 1e-14
+    assert srmsnorm_gate(x.float(), u.float()).dtype == torch.float32
+
+
+@pytest.mark.skipif(backend.INTERPRET, reason="Triton's interpreter runs CPU tensors")
+def test_triton_on_cpu_without_interpreter_is_refused():
+    x = torch.randn(2, 16)
+    for call in (
+        lambda: srmsnorm(x, backend="triton"),
+        lambda: lightning_attention(
+            x[None, :, None], x[None, :, None], x[None, :, None], torch.zeros(1), backend="triton"
+        ),  # fmt: skip
+        lambda: lightning_attention_step(
+            x[:, None], x[:, None], x[:, None], torch.zeros(1), torch.zeros(2, 1, 16, 16), backend="triton"
+        ),  # fmt: skip
+    ):
+        with pytest.raises(RuntimeError, match="Triton on cpu tensors needs TRITON_INTERPRET=1"):
+            call()

@@ -27,9 +27,9 @@ from tests.megatron_utils import (
     grads_into_params,
     load_checkpoint,
     loss_of,
-    rel_err,
     save_checkpoint,
 )
+from tests.testing import rel_err
 
 PRESET = get_preset("tnl-tiny")
 GRAD_TOL = 1e-5

@@ -2,11 +2,14 @@
 bad text or vocabulary sizes, and nothing left behind."""
 
 import gzip
+import os
 import re
+import signal
 
 import pytest
 import sentencepiece as spm
 
+from megatron_tnllm.signals import Interrupted
 from megatron_tnllm.tokenizer import train_sentencepiece
 from tests.hf_helpers import SHAKESPEARE
 
@@ -54,3 +57,19 @@ def test_trained_files_appear_only_when_complete(tmp_path, monkeypatch):
     path = train_sentencepiece(gzip.open(SHAKESPEARE, "rt", encoding="utf-8").read()[:20_000], tmp_path / "tok", 400)
     assert seen == [[]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.model", "tok.vocab"] and path == tmp_path / "tok.model"
+
+
+def test_sigterm_during_training_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM while SentencePiece trains raises Interrupted after removing the temporary directory (Python's
+    default for SIGTERM would end the process and leave it behind)."""
+    train = spm.SentencePieceTrainer.train
+
+    def terminated(**kwargs):
+        train(**kwargs)  # the files are written into the temporary directory, then the signal arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", terminated)
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        train_sentencepiece(gzip.open(SHAKESPEARE, "rt", encoding="utf-8").read()[:20_000], tmp_path / "tok", 400)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handler is back

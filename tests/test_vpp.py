@@ -24,9 +24,9 @@ from tests.megatron_utils import (
     load_checkpoint,
     load_chunks,
     loss_of,
-    rel_err,
     save_checkpoint,
 )
+from tests.testing import rel_err
 
 PRESET = get_preset("tnl-tiny").replace(lrpe_layers=(0, 2))
 GRAD_TOL = 1e-5

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from megatron_tnllm.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf
 from megatron_tnllm.convert.errors import ConversionError, VerificationError
-from megatron_tnllm.convert.staging import Interrupted
+from megatron_tnllm.signals import Interrupted
 
 EXAMPLES = """examples:
   %(prog)s hf-to-megatron TransNormerLLM-1B ckpt/tnl-1b --tensor-model-parallel-size 2 --verify

@@ -19,9 +19,10 @@ import math
 
 import torch
 
-from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.convert.errors import ConversionError
 from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig, check_config
+from megatron_tnllm.spec_table import spec_for
 
 HF_EMBEDDING = "model.embed_tokens.weight"
 MEGATRON_EMBEDDING = "embedding.word_embeddings.weight"
@@ -70,11 +71,8 @@ def hf_config_from_tnl(tnl: TNLConfig, **token_ids) -> TransnormerConfig:
 
 def matching_preset(tnl: TNLConfig) -> TNLConfig | None:
     """The preset with this shape, LRPE layers and embedding scale (any vocabulary), if there is one."""
-    same = ("num_layers", "hidden_size", "num_heads", "glu_size", "scale_embedding", "lrpe_layers")
-    for preset in PRESETS.values():
-        if all(getattr(preset, f) == getattr(tnl, f) for f in same):
-            return preset
-    return None
+    spec = spec_for(tnl)
+    return None if spec is None else spec.preset
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

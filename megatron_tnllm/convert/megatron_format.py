@@ -31,7 +31,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
-from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.convert.errors import ConversionError, note
 from megatron_tnllm.convert.layout import (
     MEGATRON_EMBEDDING,
@@ -42,6 +42,7 @@ from megatron_tnllm.convert.layout import (
     split_torch_dist,
 )
 from megatron_tnllm.convert.safe_load import SafeFileSystemReader, read_common_state, read_dcp_metadata, safe_torch_load
+from megatron_tnllm.spec_table import spec_for, spec_of_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -120,11 +121,8 @@ def open_checkpoint(
 
 def _spec_scale(spec) -> bool | None:
     """Embedding scale of a ``--spec megatron_tnllm.specs NAME`` (None if the spec is not one of ours)."""
-    if not spec or spec[0] != "megatron_tnllm.specs" or len(spec) != 2:
-        return None
-    by_spec = {p.spec_name: p.scale_embedding for p in PRESETS.values()}
-    by_spec.update(tnl=False, tnl_scaled_embedding=True)
-    return by_spec.get(spec[1])
+    info = spec_of_args(spec)
+    return None if info is None else info.scale_embedding
 
 
 def tokenizer_pieces(path: Path) -> int:
@@ -533,16 +531,13 @@ def megatron_args(
     from megatron.training.arguments import add_megatron_arguments
 
     argv = tnl.to_megatron_args()
-    preset = matching_preset(tnl)
-    if preset is not None:
-        argv[-1] = preset.spec_name
-    elif tnl.lrpe_layers == (0,):
-        argv[-1] = "tnl_scaled_embedding" if tnl.scale_embedding else "tnl"
-    else:
+    spec = spec_for(tnl)
+    if spec is None:
         raise ConversionError(
             f"no spec of megatron_tnllm.specs builds LRPE on layers {list(tnl.lrpe_layers)} "
             "(the generic specs put it on layer 0 only); expected a preset's LRPE layers or [0]"
         )
+    argv[-2:] = [spec.module, spec.name]
     argv += [
         "--tensor-model-parallel-size", str(tensor_parallel),
         "--pipeline-model-parallel-size", str(pipeline_parallel),

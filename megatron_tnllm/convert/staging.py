@@ -28,19 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_tnllm.convert.errors import ConversionError, note
+from megatron_tnllm.signals import sigterm_raises
 
 MARKER = ".megatron-tnllm-convert"
 MAGIC = "megatron-tnllm convert: temporary directory"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(BaseException):
-    """SIGTERM arrived during a conversion (SIGINT raises KeyboardInterrupt); the temporaries are removed."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 # ------------------------------------------------------------------------------------------ source vs target
@@ -175,23 +168,6 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises :class:`Interrupted` (its default would end the process without cleaning up)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _os_error(e: OSError, target: Path) -> ConversionError:
     what = f"{e.filename}: " if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -216,7 +192,7 @@ def staged_output(source: Path, target: Path, force: bool) -> Iterator[Path]:
     except OSError as e:
         raise _os_error(e, target) from None
     remove_stale_temporaries(target.parent)
-    with _sigterm_raises():
+    with sigterm_raises():
         staging = None
         try:
             with _signals_deferred():  # a signal between mkdtemp and the assignment would leave it behind

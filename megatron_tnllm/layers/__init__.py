@@ -3,4 +3,16 @@ Megatron-free math they share with the Hugging Face model (decay, lrpe).
 
 Import from the submodules: this package imports nothing itself, so that ``decay`` and ``lrpe`` load
 without megatron-core.
+
+Megatron-Core privates relied on (megatron-core 0.19.2; everything else is its public API):
+
+* ``TransformerLayer._forward_attention``, overridden by
+  :class:`~megatron_tnllm.layers.transformer_layer.TNLTransformerLayer` to scale the embeddings of layer 1.
+  ``pretrain_gpt.py`` builds the stock ``GPTModel``, whose embedding has no scale, and the layer's public
+  ``forward`` also runs the MLP half: ``_forward_attention`` is the one hook that sees the layer's input before
+  its residual branch.
+* ``megatron.core.ssm.utils._split_tensor_factory``, used by the token mixer's (and the softmax attention's)
+  ``sharded_state_dict`` to save the fused q|k|v|u projection as one TP-invariant tensor per section. It is what
+  Megatron's own Mamba and GatedDeltaNet layers use for their fused input projections; there is no public
+  equivalent.
 """

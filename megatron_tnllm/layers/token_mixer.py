@@ -1,6 +1,6 @@
 """TNL's token mixer (gated linear attention) as a Megatron-Core ``self_attention`` module.
 
-Per layer (SPEC.md §1), on TP-local heads:
+Per layer (docs/model.md §1), on TP-local heads:
     [q|k|v|u] = x W_qkvu            column-parallel by head; this rank holds [q_r; k_r; v_r; u_r]
     q, k = SiLU(q), SiLU(k)         LRPE on the preset's LRPE layers (q, k head dim doubles)
     o = lightning_attention(q, k, v, slope of this layer's heads)
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.ssm.gated_delta_net.common import tensor_a2a_cp2hp, tensor_a2a_hp2cp
+from megatron.core.ssm.gated_delta_net import get_parameter_local_cp, tensor_a2a_cp2hp, tensor_a2a_hp2cp
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
@@ -77,7 +77,7 @@ class TokenMixer(MegatronModule):
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
-        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        cp_size = self.cp_group.size()
         heads = config.num_attention_heads
         if heads % (tp_size * cp_size):
             raise ValueError(
@@ -93,11 +93,9 @@ class TokenMixer(MegatronModule):
         self.heads_attn = self.heads_local // cp_size  # heads this rank attends over, after the CP all-to-all
         self.layer_index = layer_number - 1
         first_head = tp_rank * self.heads_local
-        first_attn_head = first_head + cp_rank * self.heads_attn
-        self.slopes = layer_slopes(heads, self.layer_index, config.num_layers)[
-            first_attn_head : first_attn_head + self.heads_attn
-        ]
-        self._slope_tensor: torch.Tensor | None = None
+        tp_slopes = layer_slopes(heads, self.layer_index, config.num_layers)[first_head : first_head + self.heads_local]
+        # [heads_attn] fp32, kept out of the module's buffers so that bf16 conversion never rounds the decay.
+        self.slopes = get_parameter_local_cp(torch.tensor(tp_slopes, dtype=torch.float32), 0, self.cp_group)
         self.eps = config.layernorm_epsilon
 
         self.qkvu_proj = build_module(
@@ -138,10 +136,9 @@ class TokenMixer(MegatronModule):
         )
 
     def _slope(self, device: torch.device) -> torch.Tensor:
-        # Kept out of the module's buffers so that bf16 conversion never rounds the decay.
-        if self._slope_tensor is None or self._slope_tensor.device != device:
-            self._slope_tensor = torch.tensor(self.slopes, dtype=torch.float32, device=device)
-        return self._slope_tensor
+        if self.slopes.device != device:
+            self.slopes = self.slopes.to(device)
+        return self.slopes
 
     def forward(
         self,
@@ -172,7 +169,7 @@ class TokenMixer(MegatronModule):
         q, k = F.silu(q), F.silu(k)
         if self.use_lrpe:
             positions = self._positions(seq, cu_seqlens, q.device)[:, None]  # [seq, 1]
-            theta = self.lrpe_theta[self.cp_group.rank() * self.heads_attn :][: self.heads_attn]
+            theta = get_parameter_local_cp(self.lrpe_theta, 0, self.cp_group)  # [heads_attn, 1, d]
             q = apply_lrpe(q, theta, positions)
             k = apply_lrpe(k, theta, positions)
         o, _ = lightning_attention(

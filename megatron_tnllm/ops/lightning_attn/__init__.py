@@ -5,9 +5,8 @@ Public entry points (the contract every backend honours):
 * :func:`lightning_attention` — a whole sequence (training, prefill);
 * :func:`lightning_attention_step` — one token per sequence (decode).
 
-``backend="auto"`` runs the Triton kernels on CUDA tensors and the chunked PyTorch form
-otherwise (fp64 inputs, used for checks, stay on PyTorch); ``"torch"`` and ``"triton"`` force one
-(Triton on CPU tensors runs under the interpreter: TRITON_INTERPRET=1 before import).
+``backend`` ("auto", "torch", "triton"; see ``megatron_tnllm.ops.backend``) picks the Triton kernels or the
+chunked PyTorch form.
 
 Modules: ``naive.py`` (PyTorch references), ``chunk.py`` (Triton training/prefill kernels),
 ``decode.py`` (Triton one-token step).
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_tnllm.ops.backend import resolve_backend
 from megatron_tnllm.ops.lightning_attn.naive import (
     lightning_attention_chunked,
     lightning_attention_quadratic,
@@ -31,18 +31,6 @@ __all__ = [
     "lightning_attention_recurrent",
     "lightning_attention_step",
 ]
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Maps ``backend`` to "torch" or "triton" for tensor ``x``: "auto" means Triton on CUDA, except for
-    fp64 (the precision of the oracle checks), which the kernels do not take."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if x.is_cuda and x.dtype != torch.float64 else "torch"
-    return backend
 
 
 def _slope_version(slope: torch.Tensor) -> int:

@@ -39,7 +39,6 @@ fp32 inputs), accumulation and the state are fp32.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +46,11 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from megatron_tnllm.ops.backend import check_triton_device, poison
+
 __all__ = ["KernelConfig", "CONFIG", "chunk_lightning_attention", "plan_segments"]
 
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# tests set this to fill every output with NaN before the kernels run, proving each element is written
-POISON_OUTPUTS = False
 
 
 @dataclass
@@ -111,7 +109,7 @@ def _seq_len(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
 @triton.jit
 def _load_chunk(x, t_hi, t0, s_t, s_d, col0, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
     """x[t0 : t0 + BT, col0 : col0 + BW], zero beyond token t_hi and column W. A block pointer keeps the
-    addressing scalar (per-element 64-bit pointer tensors were what pushed the sweeps past 255 registers)."""
+    addressing scalar (per-element 64-bit pointer tensors push the sweeps past 255 registers: docs/kernels.md, v3)."""
     p = tl.make_block_ptr(x, (t_hi, W), (s_t, s_d), (t0, col0), (BT, BW), (1, 0))
     return tl.load(p, boundary_check=(0, 1), padding_option="zero")
 
@@ -609,13 +607,7 @@ def _empty_like_bt(x: torch.Tensor, last: int, dtype: torch.dtype | None = None)
         out = torch.empty(T, B, H, last, dtype=dtype, device=x.device).transpose(0, 1)
     else:
         out = torch.empty(B, T, H, last, dtype=dtype, device=x.device)
-    return _poison(out)
-
-
-def _poison(t: torch.Tensor | None) -> torch.Tensor | None:
-    if POISON_OUTPUTS and t is not None:
-        t.fill_(float("nan"))
-    return t
+    return poison(out)
 
 
 _STAGES: dict = {}
@@ -795,7 +787,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[4]
 
         o = _empty_like_bt(q, V)
-        ht = _poison(torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)) if output_final_state else None
+        ht = poison(torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)) if output_final_state else None
         s_seg = None
         if n_seg > 1 and not combine:
             s_seg = _segment_states(k, v, g2, initial_state, n_seg, seg_len, False, tile)
@@ -834,7 +826,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         else:
             g_in, g_dv, g_dk = dht, _state_strides(dht), _state_strides(dht, transpose=True)
 
-        dh0 = _poison(torch.empty(h0.shape, dtype=torch.float32, device=q.device)) if want_dh0 else None
+        dh0 = poison(torch.empty(h0.shape, dtype=torch.float32, device=q.device)) if want_dh0 else None
         dv = _empty_like_bt(v, v.shape[-1])
         dk = _empty_like_bt(k, k.shape[-1])
         roles = [(q, k, do, dv, g_dv), (do, v, q, dk, g_dk)]
@@ -866,8 +858,7 @@ def chunk_lightning_attention(
         raise TypeError(f"the Triton kernels take bf16, fp16 or fp32 inputs; got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 set before megatron_tnllm is imported")
+    check_triton_device(q)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device)
     return LightningAttentionFunction.apply(q, k, v, slope, initial_state, output_final_state, cu_seqlens)

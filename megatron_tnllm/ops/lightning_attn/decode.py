@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_tnllm.ops.lightning_attn import chunk as _chunk
-from megatron_tnllm.ops.lightning_attn.chunk import INTERPRET
+from megatron_tnllm.ops.backend import check_triton_device, poison
 
 __all__ = ["DECODE_TILE", "lightning_attention_step_triton"]
 
@@ -68,16 +67,11 @@ def lightning_attention_step_triton(
     Returns:
         (o [B, H, Dv] in q's dtype, the updated state)
     """
-    if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 set before megatron_tnllm is imported")
+    check_triton_device(q)
     B, H, K = q.shape
     V = v.shape[-1]
-    new = state if inplace else torch.empty(state.shape, dtype=state.dtype, device=state.device)
-    o = torch.empty(B, H, V, dtype=q.dtype, device=q.device)
-    if _chunk.POISON_OUTPUTS:  # tests: every element must be written
-        o.fill_(float("nan"))
-        if not inplace:
-            new.fill_(float("nan"))
+    new = state if inplace else poison(torch.empty(state.shape, dtype=state.dtype, device=state.device))
+    o = poison(torch.empty(B, H, V, dtype=q.dtype, device=q.device))
     acc = tl.float64 if state.dtype == torch.float64 else tl.float32
     BK = max(16, triton.next_power_of_2(K))
     BV = min(max(16, triton.next_power_of_2(V)), DECODE_TILE["bv"])

@@ -2,15 +2,16 @@
 
 ``srmsnorm`` is the norm itself; ``srmsnorm_gate`` fuses the attention output gate (TP = 1);
 ``norm_gate_rstd`` takes a per-row rstd computed by the caller, for a norm that spans tensor-parallel
-ranks (see ``fused.py``). ``backend="auto"`` picks Triton on CUDA tensors, PyTorch otherwise.
+ranks (see ``fused.py``). ``backend`` ("auto", "torch", "triton"; see ``megatron_tnllm.ops.backend``) picks the
+Triton kernels of ``fused.py`` or the PyTorch references of ``naive.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_tnllm.ops.lightning_attn import resolve_backend
-from megatron_tnllm.ops.srmsnorm.naive import srmsnorm_torch
+from megatron_tnllm.ops.backend import resolve_backend
+from megatron_tnllm.ops.srmsnorm.naive import norm_gate_rstd_torch, srmsnorm_gate_torch, srmsnorm_torch
 
 __all__ = ["norm_gate_rstd", "srmsnorm", "srmsnorm_gate", "srmsnorm_torch"]
 
@@ -32,8 +33,7 @@ def srmsnorm_gate(x: torch.Tensor, u: torch.Tensor, eps: float = 1e-6, *, backen
         from megatron_tnllm.ops.srmsnorm.fused import srmsnorm_gate_triton
 
         return srmsnorm_gate_triton(x, u, eps)
-    xf = x if x.dtype == torch.float64 else x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * u.to(xf.dtype)).to(x.dtype)
+    return srmsnorm_gate_torch(x, u, eps)
 
 
 def norm_gate_rstd(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -49,5 +49,4 @@ def norm_gate_rstd(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor, *, back
         from megatron_tnllm.ops.srmsnorm.fused import norm_gate_rstd_triton
 
         return norm_gate_rstd_triton(x, u, rstd)
-    xf = x if x.dtype == torch.float64 else x.float()
-    return (xf * rstd.to(xf.dtype)[..., None] * u.to(xf.dtype)).to(x.dtype)
+    return norm_gate_rstd_torch(x, u, rstd)

@@ -16,17 +16,15 @@ all arithmetic in fp32; outputs in x's dtype. One program per row (D <= 32768).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from megatron_tnllm.ops.backend import check_triton_device, poison
+
 __all__ = ["MAX_D", "norm_gate_rstd_triton", "srmsnorm_gate_triton", "srmsnorm_triton"]
 
 MAX_D = 32768
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-POISON_OUTPUTS = False  # tests: fill outputs with NaN first, proving every element is written
 
 
 @triton.jit
@@ -92,9 +90,7 @@ class _NormFunction(torch.autograd.Function):
         x2 = _rows(x)
         u2 = _rows(u) if u is not None else None
         M = x2.shape[0]
-        y = torch.empty(M, D, dtype=x.dtype, device=x.device)
-        if POISON_OUTPUTS:
-            y.fill_(float("nan"))
+        y = poison(torch.empty(M, D, dtype=x.dtype, device=x.device))
         r = rstd.reshape(-1).float().contiguous() if rstd is not None else torch.empty(M, dtype=torch.float32,
                                                                                        device=x.device)  # fmt: skip
         BD = max(16, triton.next_power_of_2(D))
@@ -114,13 +110,9 @@ class _NormFunction(torch.autograd.Function):
         shape, rstd_in, rstd_meta = ctx.meta
         M, D = x2.shape
         dy2 = _rows(dy)
-        dx = torch.empty(M, D, dtype=x2.dtype, device=x2.device)
-        du = torch.empty(M, D, dtype=u2.dtype, device=u2.device) if u2 is not None else None
-        dr = torch.empty(M, dtype=torch.float32, device=x2.device) if rstd_in else None
-        if POISON_OUTPUTS:
-            for t in (dx, du, dr):
-                if t is not None:
-                    t.fill_(float("nan"))
+        dx = poison(torch.empty(M, D, dtype=x2.dtype, device=x2.device))
+        du = poison(torch.empty(M, D, dtype=u2.dtype, device=u2.device)) if u2 is not None else None
+        dr = poison(torch.empty(M, dtype=torch.float32, device=x2.device)) if rstd_in else None
         BD = max(16, triton.next_power_of_2(D))
         if M:
             _bwd_kernel[(M,)](
@@ -132,26 +124,25 @@ class _NormFunction(torch.autograd.Function):
         return dx.view(shape), (du.view(shape) if du is not None else None), d_rstd, None
 
 
-def _check_device(x: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1 set before megatron_tnllm is imported")
+def _check_input(x: torch.Tensor) -> None:
+    check_triton_device(x)
     if x.shape[-1] > MAX_D:
         raise ValueError(f"the Triton SRMSNorm handles rows up to {MAX_D}; got {x.shape[-1]}")
 
 
 def srmsnorm_triton(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x [..., D] -> x / sqrt(mean(x^2) + eps) in x's dtype (fp32 math)."""
-    _check_device(x)
+    _check_input(x)
     return _NormFunction.apply(x, None, None, eps)
 
 
 def srmsnorm_gate_triton(x: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x, u [..., D] -> srmsnorm(x) * u in x's dtype, without rounding in between (TP = 1 only, see above)."""
-    _check_device(x)
+    _check_input(x)
     return _NormFunction.apply(x, u, None, eps)
 
 
 def norm_gate_rstd_triton(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """x, u [..., D], rstd [...] (one per row, fp32) -> x * rstd * u in x's dtype; rstd gets a gradient."""
-    _check_device(x)
+    _check_input(x)
     return _NormFunction.apply(x, u, rstd, 0.0)
