@@ -111,7 +111,7 @@ try:
 except (OSError, RuntimeError) as e:
     sys.exit(f"{script}: TOKENIZER_MODEL={tokenizer!r}: not a SentencePiece model ({str(e).strip().splitlines()[-1]})")
 
-from megatron_tnllm.convert.layout import padded_vocab_size
+from megatron_tnllm.configs import padded_vocab_size
 
 print(padded_vocab_size(vocab, 128, int(tp)), float(lr) / 10, *config.to_megatron_args(), sep="\n")
 PY

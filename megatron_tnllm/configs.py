@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
 
-__all__ = ["HYBRID_PRESETS", "PRESETS", "TNLConfig", "get_preset", "softmax_every"]
+__all__ = ["HYBRID_PRESETS", "PRESETS", "TNLConfig", "get_preset", "padded_vocab_size", "softmax_every"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,13 @@ def _hybrid(base: TNLConfig, every: int) -> TNLConfig:
 HYBRID_PRESETS: dict[str, TNLConfig] = {
     h.name: h for h in (_hybrid(p, 2 if p.name == "tnl-tiny" else 8) for p in PRESETS.values())
 }
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Megatron's embedding rows: ``vocab_size`` padded up to a multiple of ``make_vocab_size_divisible_by *
+    tensor_model_parallel_size`` (what ``pretrain_gpt.py`` builds, so what a checkpoint must hold)."""
+    multiple = divisible_by * tensor_parallel
+    return math.ceil(vocab_size / multiple) * multiple
 
 
 def get_preset(name: str) -> TNLConfig:

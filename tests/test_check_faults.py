@@ -1,7 +1,7 @@
-"""tools/check_faults.sh end to end on a CPU, through the launcher and torchrun, against a stand-in pretrain_gpt.py
-that logs, checkpoints and resumes as Megatron-LM does (tracker file written after the checkpoint's data): both
-kill -9 scenarios pass. (With STANDIN_TRACKER_FIRST=1 the stand-in names a checkpoint in the tracker before writing
-it, and the script reports the half-written checkpoint as loaded and exits 1.)"""
+"""tools/gpu_checks/check_faults.sh end to end on a CPU, through the launcher and torchrun, against a stand-in
+pretrain_gpt.py that logs, checkpoints and resumes as Megatron-LM does (tracker file written after the checkpoint's
+data): both kill -9 scenarios pass. (With STANDIN_TRACKER_FIRST=1 the stand-in names a checkpoint in the tracker
+before writing it, and the script reports the half-written checkpoint as loaded and exits 1.)"""
 
 import os
 import socket
@@ -64,7 +64,7 @@ def _check_faults(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
         sock.bind(("127.0.0.1", 0))
         run_env["MASTER_PORT"] = str(sock.getsockname()[1])
     return subprocess.run(
-        ["bash", str(ROOT / "tools" / "check_faults.sh"), str(tmp_path / "out")],
+        ["bash", str(ROOT / "tools" / "gpu_checks" / "check_faults.sh"), str(tmp_path / "out")],
         env=run_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_tnllm.layers.decay import alibi_slopes, layer_slopes
+from megatron_tnllm.ops.decay import alibi_slopes, layer_slopes
 
 
 def test_alibi_slopes_of_20_heads():

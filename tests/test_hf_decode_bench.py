@@ -1,4 +1,4 @@
-"""tools/bench_decode.py end to end on a CPU (its --smoke mode): every series measured, the table
+"""tools/bench/bench_decode.py end to end on a CPU (its --smoke mode): every series measured, the table
 written; so the GPU run cannot fail on the script itself."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_decode.py"
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench" / "bench_decode.py"
 
 
 def test_bench_decode_smoke(tmp_path, monkeypatch, capsys):

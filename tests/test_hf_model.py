@@ -13,7 +13,7 @@ import torch
 
 from megatron_tnllm.hf import TransnormerCache, TransnormerConfig, TransnormerForCausalLM
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD
-from megatron_tnllm.layers.lrpe import lrpe_theta_init
+from megatron_tnllm.ops.lrpe import lrpe_theta_init
 from tests.hf_helpers import TINY, tiny_model
 from tests.testing import rel_err
 

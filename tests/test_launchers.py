@@ -1,8 +1,8 @@
 """The examples/ launchers build the pretrain_gpt.py command of their layout (run through torchrun against a
 stand-in pretrain_gpt.py that records its arguments, or under SLURM against stand-in scontrol and srun), take
 every variable as a value (never code) and refuse bad values and layouts with one line before anything runs; the
-GPU check scripts (tools/check_training.sh, tools/check_scaling.sh) run end to end against a stand-in that prints
-Megatron's log lines and checkpoint marker."""
+GPU check scripts (tools/gpu_checks/check_training.sh, tools/gpu_checks/check_scaling.sh) run end to end against a
+stand-in that prints Megatron's log lines and checkpoint marker."""
 
 import json
 import os
@@ -147,7 +147,10 @@ def test_check_scripts_run_end_to_end(launch_env, tmp_path, script, step, expect
         (data / f"text_text_document{suffix}").write_bytes(b"")
     run_env = {**env, "MEGATRON_LM": str(megatron), "DATA_DIR": str(data), "WORK_DIR": str(tmp_path / "work")}
     done = subprocess.run(
-        ["bash", str(ROOT / "tools" / script), str(tmp_path / "out"), step], env=run_env, capture_output=True, text=True
+        ["bash", str(ROOT / "tools" / "gpu_checks" / script), str(tmp_path / "out"), step],
+        env=run_env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert expect in done.stdout

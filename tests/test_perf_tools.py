@@ -1,5 +1,5 @@
-"""The performance tools on a CPU: tools/profile_step.py's kernel attribution on a GPU-format trace, and
-tools/bench_training.sh's value checks and summary against a stand-in pretrain_gpt.py."""
+"""The performance tools on a CPU: tools/bench/profile_step.py's kernel attribution on a GPU-format trace, and
+tools/bench/bench_training.sh's value checks and summary against a stand-in pretrain_gpt.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[1] / "tools" / "bench"
 
 
 def _load(name: str):

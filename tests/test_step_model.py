@@ -1,6 +1,6 @@
 """The step-time model (megatron_tnllm.planning.step, tools/plan_step.py) against the H200 runs recorded in
-docs/training.md, its pipeline arithmetic, the launcher table it reads from examples/, and tools/bench_layer.py's
-CPU path."""
+docs/training.md, its pipeline arithmetic, the launcher table it reads from examples/, and
+tools/bench/bench_layer.py's CPU path."""
 
 import json
 import subprocess
@@ -142,10 +142,10 @@ def test_step_cli_refuses_bad_values_in_one_line():
 
 
 def test_bench_layer_runs_on_cpu(tmp_path):
-    """tools/bench_layer.py's two modes on tnl-tiny at a few tokens, so the GPU run does not fail on a typo."""
+    """tools/bench/bench_layer.py's two modes on tnl-tiny at a few tokens, so the GPU run does not fail on a typo."""
     out = tmp_path / "layers.json"
     common = ["--device", "cpu", "--iters", "1", "--warmup", "0"]
-    script = str(ROOT / "tools" / "bench_layer.py")
+    script = str(ROOT / "tools" / "bench" / "bench_layer.py")
     run = subprocess.run(
         [sys.executable, script, "layers", *common, "--presets", "tnl-tiny", "--launchers", "tnl-385m",
          "--tokens", "32", "--json", str(out)],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_tnllm.layers.decay import alibi_slopes
+from megatron_tnllm.ops.decay import alibi_slopes
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -18,5 +18,5 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def alibi(num_heads: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
-    """TNL's ALiBi slopes of ``num_heads`` heads [H] (:func:`megatron_tnllm.layers.decay.alibi_slopes`)."""
+    """TNL's ALiBi slopes of ``num_heads`` heads [H] (:func:`megatron_tnllm.ops.decay.alibi_slopes`)."""
     return torch.tensor(alibi_slopes(num_heads), dtype=dtype, device=device)

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_tnllm.configs import padded_vocab_size
 from megatron_tnllm.convert.errors import ConversionError, note
 from megatron_tnllm.convert.hf_format import HFCheckpoint, SafetensorsWriter, parse_size
 from megatron_tnllm.convert.layout import (
     hf_config_from_tnl,
     hf_group_shapes,
     megatron_group_objects,
-    padded_vocab_size,
     to_megatron,
 )
 from megatron_tnllm.convert.megatron_format import (

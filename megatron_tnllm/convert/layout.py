@@ -15,8 +15,6 @@ maps it to and from Megatron's torch_dist keys (global tensors, TP-invariant) an
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megatron_tnllm.configs import TNLConfig
@@ -73,12 +71,6 @@ def matching_preset(tnl: TNLConfig) -> TNLConfig | None:
     """The preset with this shape, LRPE layers and embedding scale (any vocabulary), if there is one."""
     spec = spec_for(tnl)
     return None if spec is None else spec.preset
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron's padding: up to a multiple of ``make_vocab_size_divisible_by * tensor_model_parallel_size``."""
-    multiple = divisible_by * tensor_parallel
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 def hf_group_shapes(tnl: TNLConfig, group: int) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 
 from megatron_tnllm.hf import configuration_transnormer, modeling_transnormer, tokenization_transnormer
 from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig
-from megatron_tnllm.layers import decay, lrpe
+from megatron_tnllm.ops import decay, lrpe
 from megatron_tnllm.ops.lightning_attn import naive as attention_reference
 from megatron_tnllm.ops.srmsnorm import naive as srmsnorm_reference
 

@@ -34,10 +34,10 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_tnllm.layers.decay import layer_slopes
-from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
 from megatron_tnllm.layers.norms import rstd_across_tp
 from megatron_tnllm.ops import lightning_attention, norm_gate_rstd, srmsnorm_gate
+from megatron_tnllm.ops.decay import layer_slopes
+from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 
 QKVU_SECTIONS = ("query", "key", "value", "gate")
 

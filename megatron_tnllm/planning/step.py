@@ -2,12 +2,12 @@
 
     python tools/plan_step.py --preset tnl-175b --tp 8 --sp --pp 12 --vpp 2 --dp 2 --mbs 1 --gbs 1536 --seq 2048
     python tools/plan_step.py --launchers            # every examples/ launcher: the table of docs/scaling.md
-    python tools/plan_step.py --launchers --layer-times layers.json   # with tools/bench_layer.py's figures
+    python tools/plan_step.py --launchers --layer-times layers.json   # with tools/bench/bench_layer.py's figures
 
 Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at tensor parallelism TP):
 
 * matrix products: 6 tokens (5 D^2 + 3 D G) / TP FLOPs at GEMM_EFFICIENCY x 989 TFLOP/s (x 4/3 with full
-  recompute), or tools/bench_layer.py's measured time of the same per-GPU products (``--layer-times``);
+  recompute), or tools/bench/bench_layer.py's measured time of the same per-GPU products (``--layer-times``);
 * lightning attention: ATTENTION_S_PER_ELEMENT per token x D / TP (docs/benchmarks.md, B4_T8192_H32: 1.80 ms
   fwd+bwd), x LRPE_ATTENTION on an LRPE layer; measured per shape with ``--layer-times``;
 * the rest (norms, SiLU, gating, residuals, casts): ELEMENTWISE_S per token x (D / (TP if SP else 1)
@@ -87,7 +87,7 @@ def _link(stride: int, size: int, cluster: Cluster) -> float:
 
 
 def _measured(layer_times: dict | None, cfg: TNLConfig, lay: Layout) -> dict | None:
-    """The per-GPU shapes of tools/bench_layer.py's JSON that match this preset, TP and tokens, if any."""
+    """The per-GPU shapes of tools/bench/bench_layer.py's JSON that match this preset, TP and tokens, if any."""
     if not layer_times:
         return None
     tokens = lay.mbs * lay.seq // lay.cp
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None, prog: str = "plan_step.py") -> int:
     """The command line of ``tools/plan_step.py``: one layout's prediction, or the table of every launcher."""
     p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--launchers", action="store_true", help="print the prediction for every launcher of examples/")
-    p.add_argument("--layer-times", type=Path, help="tools/bench_layer.py layers JSON (measured per-layer times)")
+    p.add_argument("--layer-times", type=Path, help="tools/bench/bench_layer.py layers JSON (measured per-layer times)")
     p.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE)
     p.add_argument("--overlap-tp", action="store_true", help="TP traffic hidden behind compute (Transformer Engine)")
     p.add_argument("--no-overlap-dp", action="store_true", help="DP reduce-scatter / all-gather not overlapped")

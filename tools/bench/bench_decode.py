@@ -10,8 +10,8 @@ point), ``llama`` (transformers LlamaForCausalLM, SDPA, DynamicCache; skipped wh
 --llama-max-kv-gib). Floor: the weights and the cache (TNL's fp32 states, Llama's KV) read once, at
 --bandwidth. Random weights, one model on the GPU at a time.
 
-    python tools/bench_decode.py --out DIR            # tnl-1b shape, bf16, batch 1 and 64, contexts 1k/16k/128k
-    python tools/bench_decode.py --smoke --out DIR    # tnl-tiny shape on CPU ("static" decode), seconds
+    python tools/bench/bench_decode.py --out DIR            # tnl-1b shape, bf16, batch 1 and 64, contexts 1k/16k/128k
+    python tools/bench/bench_decode.py --smoke --out DIR    # tnl-tiny shape on CPU ("static" decode), seconds
 
 Writes DIR/bench_decode.json, DIR/bench_decode.md (table) and, with matplotlib, DIR/bench_decode.png.
 """

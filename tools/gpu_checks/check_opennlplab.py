@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cross-check megatron_tnllm.hf against OpenNLPLab's released TransNormerLLM modeling code, in both directions.
 
-    python tools/check_opennlplab.py PATH/TO/OPENNLPLAB_CODE [--layers 4] [--seq 300]
+    python tools/gpu_checks/check_opennlplab.py PATH/TO/OPENNLPLAB_CODE [--layers 4] [--seq 300]
 
 PATH holds the hub files (configuration_transnormer.py, modeling_transnormer.py, norm.py, utils.py,
 srmsnorm_triton.py, lightning_attention2.py), e.g. fetched from GitHub weigao266/TNL-MoE smoe/models/tnl/ (a

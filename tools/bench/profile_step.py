@@ -15,9 +15,9 @@ one more step is profiled; every GPU kernel is given one category by its name an
     memory               copies and fills
     idle                 the profiled step's span with no kernel running (launch gaps, host work, waits)
 
-    python tools/profile_step.py --out DIR                     # tnl-1b, 1 GPU, MBS 8 x 2048, 8 micro-batches
-    torchrun --nproc-per-node 2 tools/profile_step.py --preset tnl-7b --tp 2 --mbs 1 --seq 4096 --out DIR
-    python tools/profile_step.py --smoke --out DIR             # tnl-tiny on CPU: operators instead of kernels
+    python tools/bench/profile_step.py --out DIR                     # tnl-1b, 1 GPU, MBS 8 x 2048, 8 micro-batches
+    torchrun --nproc-per-node 2 tools/bench/profile_step.py --preset tnl-7b --tp 2 --mbs 1 --seq 4096 --out DIR
+    python tools/bench/profile_step.py --smoke --out DIR             # tnl-tiny on CPU: operators instead of kernels
 
 Writes DIR/profile_<preset>_tp<TP>_rank<R>.json (categories, top kernels, step time, tokens/s, model TFLOP/s)
 and, with --trace, the chrome trace beside it; rank 0 prints the table.
@@ -208,7 +208,7 @@ def init(args) -> torch.device:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.cpu_shims, as the CPU demo does
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.cpu_shims, as the CPU demo does
         from tests.cpu_shims import apply_ddp_cpu_shims
 
         apply_ddp_cpu_shims()

@@ -14,9 +14,9 @@ not ours. Forward, and forward + backward. GB/s counts the least traffic of the 
 read x [and u], write y; backward: read x, dy [and u], write dx [and du]; weights ignored), against
 --bandwidth.
 
-    python tools/bench_norms.py --out DIR                  # tnl-1b and tnl-7b launcher shapes
-    python tools/bench_norms.py --presets all --out DIR    # every launcher
-    python tools/bench_norms.py --smoke --out DIR          # CPU, Triton interpreter, tiny shapes
+    python tools/bench/bench_norms.py --out DIR                  # tnl-1b and tnl-7b launcher shapes
+    python tools/bench/bench_norms.py --presets all --out DIR    # every launcher
+    python tools/bench/bench_norms.py --smoke --out DIR          # CPU, Triton interpreter, tiny shapes
 
 Writes DIR/bench_norms.json and DIR/bench_norms.md.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = re.compile(r'"\$\{(\w+):=([^}"]*)\}"')
 
 

@@ -1,5 +1,5 @@
-# Sourced by tools/check_training.sh, tools/check_scaling.sh and tools/check_faults.sh: one launcher run with its
-# own log.
+# Sourced by check_training.sh, check_scaling.sh and check_faults.sh (this folder): one launcher run with its own
+# log.
 #
 #   layout_run NAME GPUS LAUNCHER [VAR=VALUE ...] -- [pretrain_gpt.py args]
 #

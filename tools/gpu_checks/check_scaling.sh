@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The scaling checks of docs/scaling.md on one node, through the README's launchers (stock pretrain_gpt.py).
 #
-#   MEGATRON_LM=third_party/Megatron-LM [GPUS=8] tools/check_scaling.sh OUT_DIR 7b|weak|13b|cp
+#   MEGATRON_LM=third_party/Megatron-LM [GPUS=8] tools/gpu_checks/check_scaling.sh OUT_DIR 7b|weak|13b|cp
 #
 # STEP "7b" (8 GPUs): tnl-7b + SP at TP=8, TP=4 x PP=2 and TP=2 x PP=2 x DP=2 (distributed optimizer), micro-batch
 #   1, global batch 16 x 4096 tokens, 20 iterations each from one initial checkpoint (the TP=8 run's weights
@@ -26,15 +26,15 @@ export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 TRAIN_ITERS=200 LR=3e-4
 gpus=${GPUS:-8}
 [[ $gpus =~ ^[1-9][0-9]{0,2}$ ]] || { printf '%s: GPUS=%q: expected a positive integer\n' "${0##*/}" "$gpus" >&2; exit 2; }
 work=${WORK_DIR:-/tmp/tnl_runs}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$out" "$work"
 # absolute paths: the multi-node launchers (*.sbatch) find examples/common.sh from the repository root
 out=$(cd "$out" && pwd) work=$(cd "$work" && pwd) MEGATRON_LM=$(cd "$MEGATRON_LM" && pwd)
 cd "$here" || exit 1
-source "$here/tools/layout_runs.sh"
+source "$here/tools/gpu_checks/layout_runs.sh"
 ensure_data
 compare=("$PYTHON" "$here/tools/megatron_log.py" --compare)
-BF16_TOL=3.9e-3  # one bf16 rounding (2^-8) of relative loss difference, as in tools/check_training.sh
+BF16_TOL=3.9e-3  # one bf16 rounding (2^-8) of relative loss difference, as in tools/gpu_checks/check_training.sh
 seeded=(--seed 1234 --deterministic-mode)
 
 tokens_per_gpu() {  # tokens_per_gpu LOG TOKENS_PER_STEP GPUS: tokens/s/GPU from the median step time

@@ -1,8 +1,8 @@
 """Time TNL layers and their matrix products on one GPU; or train a real-width model cut to what fits.
 
-    python tools/bench_layer.py layers --json layers.json            # real widths + the launchers' per-GPU shapes
-    python tools/bench_layer.py model --preset tnl-175b --json model.json    # as many 175B-width layers as fit
-    python tools/bench_layer.py layers --device cpu --presets tnl-tiny --launchers tnl-385m --tokens 64   # smoke
+    python tools/bench/bench_layer.py layers --json layers.json            # real widths + the launchers' per-GPU shapes
+    python tools/bench/bench_layer.py model --preset tnl-175b --json model.json    # as many 175B-width layers as fit
+    python tools/bench/bench_layer.py layers --device cpu --presets tnl-tiny --launchers tnl-385m --tokens 64   # smoke
 
 ``layers``: for every preset of ``--presets`` (default tnl-385m, tnl-1b, tnl-7b, tnl-65b, tnl-175b), one
 Megatron-Core TNL ``TransformerLayer`` (this package's spec, TP=1, bf16, random input of the preset's launcher
@@ -133,7 +133,7 @@ def init_single_process(device: str) -> None:
     from megatron.core import parallel_state
 
     if device == "cpu":  # Megatron allocates on torch.cuda.current_device(); the test shims point it at the CPU
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from tests.cpu_shims import apply_ddp_cpu_shims
 
         apply_ddp_cpu_shims()

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Training throughput of tnl-1b against a GPT of the same shape (16 layers, width 2048, FFN 5632 SwiGLU, RoPE,
-# softmax attention through torch SDPA's flash kernel: tools/gpt_sdpa_spec.py), both on Megatron-Core through
+# softmax attention through torch SDPA's flash kernel: tools/bench/gpt_sdpa_spec.py), both on Megatron-Core through
 # Megatron-LM's pretrain_gpt.py, one GPU, bf16, mock data, vocab 64000, at sequence lengths 2k, 8k, 32k, 64k;
 # and tnl-7b at its launcher's layout (TP=2 + sequence parallel, micro-batch 1 x 4096) on two GPUs.
 #
 #   MEGATRON_LM=third_party/Megatron-LM [GPU=0] [GPUS=0,1] [ITERS=8] [MODELS="tnl gpt"] [PORT=29500] \
-#       [PEAK_TFLOPS=989] tools/bench_training.sh OUT_DIR [SEQ ...]
+#       [PEAK_TFLOPS=989] tools/bench/bench_training.sh OUT_DIR [SEQ ...]
 #
 # MODELS: any of tnl (tnl-1b on GPU), gpt (the GPT on GPU), tnl7b (tnl-7b, TP=2 + SP on GPUS, sequence 4096 whatever
 # the SEQ list). Each run: 64k tokens per step (tnl-1b/GPT micro-batch of min(16k, seq) tokens), ITERS steps;

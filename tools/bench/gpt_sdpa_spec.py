@@ -1,11 +1,11 @@
 """A softmax-attention GPT layer spec for Megatron-Core whose core attention is torch SDPA's flash kernel.
 
-The baseline of the throughput comparison (tools/bench_training.sh) on machines without Transformer
+The baseline of the throughput comparison (tools/bench/bench_training.sh) on machines without Transformer
 Engine: Megatron's local layer spec (RMSNorm, fused QKV, RoPE, SwiGLU) with ``DotProductAttention``
 (which materialises the s x s scores) replaced by FlashAttention-2 through
 ``torch.nn.functional.scaled_dot_product_attention``.
 
-    PYTHONPATH=tools python pretrain_gpt.py ... --spec gpt_sdpa_spec gpt_sdpa_layer
+    PYTHONPATH=tools/bench python pretrain_gpt.py ... --spec gpt_sdpa_spec gpt_sdpa_layer
 """
 
 from __future__ import annotations

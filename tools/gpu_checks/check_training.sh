@@ -2,7 +2,7 @@
 # The training checks of docs/training.md, on a machine with 2 GPUs, through the README's user path
 # (examples/prepare_data.sh, examples/pretrain_tnl_385m.sh, i.e. stock pretrain_gpt.py --spec ...).
 #
-#   MEGATRON_LM=third_party/Megatron-LM tools/check_training.sh OUT_DIR STEP
+#   MEGATRON_LM=third_party/Megatron-LM tools/gpu_checks/check_training.sh OUT_DIR STEP
 #
 # STEP "convergence" (GPUS GPUs, default 1; data parallel with the distributed optimizer): tnl-385m, 200 iterations
 #   on Tiny Shakespeare with deterministic settings, checkpoints at 100 and 200; then resume from iteration 100 to
@@ -14,16 +14,16 @@
 # STEP "reshard" (GPUs 0, 1): the TP=2 run's checkpoint at iteration 20 (made first if missing) resumed at PP=2
 #   to iteration 30, compared with the TP=2 run's own iterations 21-30.
 # All runs: micro-batch 4, global batch 8, sequence 2048, bf16, seed 1234, --deterministic-mode, the distributed
-# optimizer (Megatron-LM with patches/ applied: tools/offline_gpu_setup.sh).
+# optimizer (Megatron-LM with patches/ applied: tools/gpu_checks/offline_gpu_setup.sh).
 set -uo pipefail
 out=${1:?usage: $0 OUT_DIR convergence|layouts|reshard}
 step=${2:?usage: $0 OUT_DIR convergence|layouts|reshard}
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 export PYTHON=${PYTHON:-python3} LOG_INTERVAL=1 MBS=4 GBS=8 SEQ=2048 TRAIN_ITERS=200 LR=3e-4
 work=${WORK_DIR:-/tmp/tnl_runs}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$out" "$work"
-source "$here/tools/layout_runs.sh"
+source "$here/tools/gpu_checks/layout_runs.sh"
 ensure_data
 compare=("$PYTHON" "$here/tools/megatron_log.py" --compare)
 # layouts sum in other orders: allow one bf16 rounding (2^-8) of relative loss difference

@@ -2,7 +2,7 @@
 # Fault checks of docs/training.md: a training run killed with kill -9 comes back through the launcher, from its
 # last complete checkpoint, and prints the same losses as a run that was never killed.
 #
-#   MEGATRON_LM=third_party/Megatron-LM GPUS=2 tools/check_faults.sh OUT_DIR
+#   MEGATRON_LM=third_party/Megatron-LM GPUS=2 tools/gpu_checks/check_faults.sh OUT_DIR
 #
 # tnl-385m on Tiny Shakespeare (examples/pretrain_tnl_385m.sh: distributed optimizer, DP=GPUS), seeded and
 # deterministic, TRAIN_ITERS iterations (default 50) with a checkpoint every SAVE_INTERVAL (default 20):
@@ -33,11 +33,11 @@ done
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1 LOG_INTERVAL=1 MBS=4 GBS=8 SEQ=2048 LR=3e-4 \
     TRAIN_ITERS=$iters SAVE_INTERVAL=$every
 work=${WORK_DIR:-/tmp/tnl_faults}
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 mkdir -p "$out"
 rm -rf "$work/full" "$work/between" "$work/writing"  # every run starts from nothing
 mkdir -p "$work"
-source "$here/tools/layout_runs.sh"
+source "$here/tools/gpu_checks/layout_runs.sh"
 ensure_data
 args=(-- --seed 1234 --deterministic-mode)
 # port: each run its own rendezvous port: a killed run's may not be free again yet

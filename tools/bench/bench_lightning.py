@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Lightning-attention benchmark for one H200: ours beside fla, lightning_attn2 and SDPA flash, in one run.
 
-    python tools/bench_lightning.py --all --json OUT.json          # sweep, decode, norm, table
-    python tools/bench_lightning.py --table --shapes B4_T8192_H32_D128
-    python tools/bench_lightning.py --tp-shapes --ab v3=old/chunk.py  # per-GPU launcher shapes, A/B
+    python tools/bench/bench_lightning.py --all --json OUT.json          # sweep, decode, norm, table
+    python tools/bench/bench_lightning.py --table --shapes B4_T8192_H32_D128
+    python tools/bench/bench_lightning.py --tp-shapes --ab v3=old/chunk.py  # per-GPU launcher shapes, A/B
 
 What it does (each part also alone: --sweep, --decode, --norm, --table):
 * sweep: a few launch configs of our kernels on three shapes (large, medium, small batch x heads); the
@@ -15,7 +15,8 @@ What it does (each part also alone: --sweep, --decode, --norm, --table):
   dims 64 and 256/128: ours (and its config variants, and any --ab kernel file) beside fla; eager fwd and
   fwd+bwd, the same replayed from a captured CUDA graph (GPU time without host launch cost), host time
   per eager fwd+bwd call, the HBM floor, and both kernels' errors against fp64 on the same inputs;
-* table: SPEC section 8 shapes plus the LRPE shape (Dk 256, Dv 128): fwd and fwd+bwd median ms
+* table: the shapes of ``SHAPES`` (those of the comparison table in docs/kernels.md, two also with the
+  LRPE layer's Dk 256, Dv 128): fwd and fwd+bwd median ms
   (triton.testing.do_bench), peak fwd+bwd memory, the HBM byte floor (bf16, 4.25 TB/s; fwd q,k,v,o,
   fwd+bwd adds q,k,v,do read and dq,dk,dv written), and each kernel's rel. error against fp64 on the
   same H and D at B1 T2048 (fla's gradients too: Triton 3.4-3.7 miscompiles a construct of its backward).
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -38,17 +38,15 @@ import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm  # noqa: E402
-from megatron_tnllm.ops.lightning_attn import chunk as chunk_mod  # noqa: E402
-from megatron_tnllm.ops.lightning_attn import decode as decode_mod  # noqa: E402
-from megatron_tnllm.ops.lightning_attn.naive import lightning_attention_chunked  # noqa: E402
-from megatron_tnllm.ops.srmsnorm import srmsnorm_gate, srmsnorm_torch  # noqa: E402
+from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+from megatron_tnllm.ops.lightning_attn import chunk as chunk_mod
+from megatron_tnllm.ops.lightning_attn import decode as decode_mod
+from megatron_tnllm.ops.lightning_attn.naive import lightning_attention_chunked
+from megatron_tnllm.ops.srmsnorm import srmsnorm_gate, srmsnorm_torch
 
 HBM = 4.25e12
 DEV = "cuda"  # a dry run on the CPU (interpreter) swaps this
-SHAPES = [  # LRPE pairs early: a run cut short by its time limit keeps the comparisons that need them
+SHAPES = [  # the LRPE pairs first: a run stopped partway (--json is rewritten after each shape) still has them
     (4, 8192, 32, 128, 128),
     (4, 8192, 32, 256, 128),
     (1, 65536, 8, 128, 128),
@@ -96,7 +94,7 @@ def name(shape) -> str:
 
 
 def alibi(H: int) -> torch.Tensor:
-    """SPEC section 1 ALiBi slopes (non-powers of two interleave the 2P list)."""
+    """ALiBi slopes of the model (a head count that is not a power of two P interleaves the 2P list)."""
 
     def pow2(n):
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]

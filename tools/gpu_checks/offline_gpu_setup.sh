@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Prepare an offline GPU machine (no package registry) for the training checks: source it from the repository
-# root with the carried wheel folder (.whl, from ../shared/tools/fetch-gpu-wheels.sh) and a Megatron-LM checkout
-# at core_v0.19.0 in $MEGATRON_LM (a git-ignored copy such as third_party/Megatron-LM).
+# Prepare an offline GPU machine (no package registry; torch with CUDA already installed) for the training checks:
+# source it from the repository root with a wheel folder .whl/ and a Megatron-LM checkout at core_v0.19.0 in
+# $MEGATRON_LM (a git-ignored copy such as third_party/Megatron-LM).
 #
-#   MEGATRON_LM=third_party/Megatron-LM source tools/offline_gpu_setup.sh
+#   MEGATRON_LM=third_party/Megatron-LM source tools/gpu_checks/offline_gpu_setup.sh
+#
+# .whl/ holds megatron-core 0.19.2, psutil and einops, and for the kernel benchmarks optionally fla-core 0.6.0 and
+# lightning-attn 0.0.5; download them where a registry is reachable with
+#
+#   pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl \
+#       megatron-core==0.19.2 psutil einops fla-core==0.6.0 lightning-attn==0.0.5
 #
 # Installs the wheels into /tmp/site and puts it and this repository on PYTHONPATH, applies patches/ to the checkout
 # (the TNL FLOP count in the training log; the distributed optimizer's resume without Transformer Engine), and
