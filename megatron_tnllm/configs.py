@@ -20,7 +20,7 @@ __all__ = ["HYBRID_PRESETS", "PRESETS", "TNLConfig", "get_preset", "padded_vocab
 
 @dataclass(frozen=True)
 class TNLConfig:
-    """Shape and fixed settings of one TransNormerLLM model (SPEC.md §1-2).
+    """Shape and fixed settings of one TransNormerLLM model (docs/model.md §1-2).
 
     Attributes:
         name: preset name, e.g. "tnl-1b".
@@ -148,7 +148,7 @@ class TNLConfig:
             "--no-bias-dropout-fusion",
             "--no-create-attention-mask-in-dataloader",
             "--spec",
-            "megatron_tnllm.hybrid" if self.softmax_layers else "megatron_tnllm.specs",
+            "megatron_tnllm.specs",
             self.spec_name,
         ]
 

@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_tnllm.configs import TNLConfig, get_preset
-from megatron_tnllm.specs import tnl_block_spec
+from megatron_tnllm.hybrid import hybrid_block_spec
 
 __all__ = ["build_model", "resolve_config"]
 
@@ -53,7 +53,13 @@ def build_model(preset_or_config: str | TNLConfig, *, vp_stage: int | None = Non
     if pp_size > 1:
         fields.setdefault("pipeline_dtype", fields.get("params_dtype", torch.float32))
     config = tnl.to_transformer_config(**fields)
-    block = tnl_block_spec(config, vp_stage, lrpe_layers=tnl.lrpe_layers, embedding_scale=tnl.embedding_scale)
+    block = hybrid_block_spec(  # pure TNL when the config has no softmax layers
+        config,
+        vp_stage,
+        softmax_layers=tnl.softmax_layers,
+        lrpe_layers=tnl.lrpe_layers,
+        embedding_scale=tnl.embedding_scale,
+    )
     return GPTModel(
         config=config,
         transformer_layer_spec=block,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_tnllm.configs import PRESETS, TNLConfig
+from megatron_tnllm.configs import HYBRID_PRESETS, PRESETS, TNLConfig, softmax_every
 
 __all__ = ["SPECS", "SPEC_MODULE", "SpecInfo", "spec_for", "spec_info", "spec_of_args"]
 
@@ -30,6 +30,8 @@ class SpecInfo:
         scale_embedding: embeddings scaled by sqrt(hidden size) (else by 1).
         softmax_layers: 0-based indices of the layers with softmax attention instead of the token mixer
             (hybrid layouts; empty for TNL).
+        softmax_every: for a shape-free hybrid, softmax attention on the last of every ``softmax_every`` layers
+            (:func:`megatron_tnllm.configs.softmax_every`); 0: use ``softmax_layers``.
         module: the MODULE in ``--spec MODULE NAME`` that defines the NAME.
     """
 
@@ -39,6 +41,11 @@ class SpecInfo:
     scale_embedding: bool = False
     softmax_layers: tuple[int, ...] = ()
     module: str = SPEC_MODULE
+    softmax_every: int = 0
+
+    def softmax_layers_of(self, num_layers: int) -> tuple[int, ...]:
+        """The softmax-attention layers of a model of ``num_layers`` layers built by this spec."""
+        return softmax_every(num_layers, self.softmax_every) if self.softmax_every else self.softmax_layers
 
     def embedding_scale(self, hidden_size: int) -> float:
         """The factor on the token embeddings of a model ``hidden_size`` wide."""
@@ -46,7 +53,7 @@ class SpecInfo:
 
     def builds(self, tnl: TNLConfig) -> bool:
         """Whether this spec builds ``tnl`` (any vocabulary, norm epsilon and sequence length)."""
-        layout = (self.lrpe_layers, self.scale_embedding, self.softmax_layers)
+        layout = (self.lrpe_layers, self.scale_embedding, self.softmax_layers_of(tnl.num_layers))
         if layout != (tnl.lrpe_layers, tnl.scale_embedding, tnl.softmax_layers):
             return False
         shape = ("num_layers", "hidden_size", "num_heads", "glu_size")
@@ -57,7 +64,13 @@ class SpecInfo:
         shape = f"preset {self.preset.name} (checks the shape)" if self.preset else "any shape"
         scale = "embeddings scaled by sqrt(hidden size)" if self.scale_embedding else "no embedding scale"
         lrpe = ", ".join(map(str, self.lrpe_layers)) or "none"
-        return f"Block spec of {shape}: LRPE on layers {lrpe}, {scale}."
+        if self.softmax_every:
+            softmax = f"; softmax attention on every {self.softmax_every}th layer"
+        elif self.softmax_layers:
+            softmax = f"; softmax attention on layers {', '.join(map(str, self.softmax_layers))}"
+        else:
+            softmax = ""
+        return f"Block spec of {shape}: LRPE on layers {lrpe}, {scale}{softmax}."
 
 
 def _of_preset(preset: TNLConfig) -> SpecInfo:
@@ -73,6 +86,8 @@ SPECS: dict[str, SpecInfo] = {
         *(_of_preset(p) for p in PRESETS.values()),
         SpecInfo("tnl"),  # the 7B/3B settings at any shape
         SpecInfo("tnl_scaled_embedding", scale_embedding=True),  # the 1B/385M settings at any shape
+        *(_of_preset(p) for p in HYBRID_PRESETS.values()),  # softmax attention on every 8th layer (MiniMax-01)
+        SpecInfo("tnl_hybrid", softmax_every=8),  # the same at any shape
     )
 }
 

@@ -11,6 +11,8 @@ LRPE layers and embedding scale a NAME means is the row of :data:`megatron_tnllm
   embedding scale.
 * ``tnl``: any shape; LRPE on layer 0, no embedding scale (the 7B/3B settings).
 * ``tnl_scaled_embedding``: any shape; LRPE on layer 0, embeddings scaled by sqrt(hidden size).
+* ``tnl_tiny_hybrid`` ... ``tnl_175b_hybrid``: the hybrid presets (softmax attention on every 8th layer, the
+  MiniMax-01 layout; :mod:`megatron_tnllm.hybrid`), shape checked; ``tnl_hybrid``: the same at any shape.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_tnllm.configs import TNLConfig
+from megatron_tnllm.hybrid import hybrid_block_spec
 from megatron_tnllm.layers.norms import SRMSNorm
 from megatron_tnllm.layers.sglu import SGLU
 from megatron_tnllm.layers.token_mixer import TokenMixer, TokenMixerSubmodules
@@ -34,16 +37,25 @@ from megatron_tnllm.spec_table import SPECS, SpecInfo
 __all__ = [
     "tnl",
     "tnl_13b",
+    "tnl_13b_hybrid",
     "tnl_175b",
+    "tnl_175b_hybrid",
     "tnl_1b",
+    "tnl_1b_hybrid",
     "tnl_385m",
+    "tnl_385m_hybrid",
     "tnl_3b",
+    "tnl_3b_hybrid",
     "tnl_65b",
+    "tnl_65b_hybrid",
     "tnl_7b",
+    "tnl_7b_hybrid",
     "tnl_block_spec",
+    "tnl_hybrid",
     "tnl_layer_spec",
     "tnl_scaled_embedding",
     "tnl_tiny",
+    "tnl_tiny_hybrid",
 ]
 
 
@@ -114,9 +126,13 @@ def _block_spec(info: SpecInfo):
         tcfg = getattr(config, "transformer", config)
         if info.preset is not None:
             _check_shape(info.preset, tcfg)
-        return tnl_block_spec(
-            config, vp_stage, lrpe_layers=info.lrpe_layers, embedding_scale=info.embedding_scale(tcfg.hidden_size)
-        )
+        scale = info.embedding_scale(tcfg.hidden_size)
+        softmax_layers = info.softmax_layers_of(tcfg.num_layers)
+        if softmax_layers:
+            return hybrid_block_spec(
+                config, vp_stage, softmax_layers=softmax_layers, lrpe_layers=info.lrpe_layers, embedding_scale=scale
+            )
+        return tnl_block_spec(config, vp_stage, lrpe_layers=info.lrpe_layers, embedding_scale=scale)
 
     spec.__name__ = spec.__qualname__ = info.name
     spec.__doc__ = info.describe()
@@ -133,3 +149,12 @@ tnl_65b = _block_spec(SPECS["tnl_65b"])
 tnl_175b = _block_spec(SPECS["tnl_175b"])
 tnl = _block_spec(SPECS["tnl"])
 tnl_scaled_embedding = _block_spec(SPECS["tnl_scaled_embedding"])
+tnl_tiny_hybrid = _block_spec(SPECS["tnl_tiny_hybrid"])
+tnl_385m_hybrid = _block_spec(SPECS["tnl_385m_hybrid"])
+tnl_1b_hybrid = _block_spec(SPECS["tnl_1b_hybrid"])
+tnl_3b_hybrid = _block_spec(SPECS["tnl_3b_hybrid"])
+tnl_7b_hybrid = _block_spec(SPECS["tnl_7b_hybrid"])
+tnl_13b_hybrid = _block_spec(SPECS["tnl_13b_hybrid"])
+tnl_65b_hybrid = _block_spec(SPECS["tnl_65b_hybrid"])
+tnl_175b_hybrid = _block_spec(SPECS["tnl_175b_hybrid"])
+tnl_hybrid = _block_spec(SPECS["tnl_hybrid"])

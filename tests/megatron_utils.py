@@ -10,8 +10,6 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-from tests.testing import rel_err  # noqa: F401  (tests/test_hybrid_parallel.py still imports it from here)
-
 BATCH, SEQ = 2, 64
 
 

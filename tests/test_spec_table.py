@@ -77,5 +77,21 @@ def test_flops_count_the_rows_lrpe_layers():
     args = SimpleNamespace(
         num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=704, padded_vocab_size=2048
     )
-    flops = {name: tnl_training_flops(SimpleNamespace(spec=[SPEC_MODULE, name], **vars(args)), 1) for name in SPECS}
+    tnl_rows = [name for name, info in SPECS.items() if not info.softmax_layers_of(args.num_layers)]
+    flops = {name: tnl_training_flops(SimpleNamespace(spec=[SPEC_MODULE, name], **vars(args)), 1) for name in tnl_rows}
     assert flops["tnl_tiny"] == flops["tnl"] == flops["tnl_scaled_embedding"]  # LRPE on layer 0 in each
+
+
+def test_flops_count_a_hybrids_softmax_layers():
+    """tnl-1b-hybrid (softmax attention on layers 7 and 15) = tnl-1b with two TNL layers replaced: per token
+    2 x (TNL layer - softmax layer), the softmax layer counting 8 D^2 + SGLU + 2 s D (causal Q K^T and A V)."""
+    D, H, G, L, s, V = 2048, 16, 5632, 16, 4096, 64000
+    args = dict(num_layers=L, hidden_size=D, num_attention_heads=H, ffn_hidden_size=G, padded_vocab_size=V)
+    tnl = tnl_training_flops(SimpleNamespace(spec=[SPEC_MODULE, "tnl_1b"], seq_length=s, **args), 1) / 3
+    hybrid = tnl_training_flops(SimpleNamespace(spec=[SPEC_MODULE, "tnl_1b_hybrid"], seq_length=s, **args), 1) / 3
+    dh = D // H
+    tnl_layer = 10 * D * D + 6 * D * G + H * (64 * 2 * dh + 4 * dh * dh)
+    softmax_layer = 8 * D * D + 6 * D * G + 2 * s * D
+    assert tnl - hybrid == 2 * (tnl_layer - softmax_layer)
+    shape_free = tnl_training_flops(SimpleNamespace(spec=[SPEC_MODULE, "tnl_hybrid"], seq_length=s, **args), 1) / 3
+    assert shape_free == hybrid  # every 8th layer of 16: the same two

@@ -1,13 +1,18 @@
 """TransNormerLLM for Hugging Face transformers, in the layout of the released OpenNLPLab checkpoints.
 
-Same module and parameter names as ``OpenNLPLab/TransNormerLLM-*`` (SPEC.md §3), so their weights load as
-they are; same computation (SPEC.md §1), with two deliberate differences: LRPE angles are formed in fp32
+Same module and parameter names as ``OpenNLPLab/TransNormerLLM-*`` (docs/model.md §4), so their weights load as
+they are; same computation (docs/model.md §1), with two deliberate differences: LRPE angles are formed in fp32
 (the released code rounds positions to bf16), and padding is handled per sequence (left-padded batches
 generate what each prompt generates alone).
 
 Generation keeps a :class:`TransnormerCache`: per layer one fp32 state [b, h, d_qk, d_v], so memory does
 not grow with the length. Beam search reorders it by beam, in place (the released ``_reorder_cache`` iterates
 over the wrong dimension).
+
+Hybrid models (config key ``softmax_attention_layers``: 0-based layer indices, absent or empty for TNL) use
+causal softmax attention without position encoding on those layers (:class:`SoftmaxAttention`, weights
+``token_mixer.qkv_proj`` [3D, D] and ``token_mixer.out_proj`` [D, D]); the cache keeps their keys and values,
+which grow with the length, beside the constant-size states of the other layers.
 
 Decoding one token per sequence can run on static buffers (:class:`DecodeGraph`, one per batch size, made on
 first use) and, on CUDA, as one captured CUDA graph: eager PyTorch spends most of a decode step launching
@@ -32,15 +37,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 # --- standalone imports: begin ---
-from megatron_tnllm.layers.decay import layer_slopes
-from megatron_tnllm.layers.lrpe import apply_lrpe, lrpe_theta_init
 from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+from megatron_tnllm.ops.decay import layer_slopes
+from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 
 # --- standalone imports: end ---
-from .configuration_transnormer import TransnormerConfig
+from .configuration_transnormer import TransnormerConfig, check_config
 
 __all__ = [
     "DecodeGraph",
+    "SoftmaxAttention",
     "TransnormerCache",
     "TransnormerConfig",
     "TransnormerForCausalLM",
@@ -54,41 +60,42 @@ NORM_EPS = 1e-6
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-def check_config(config: TransnormerConfig) -> None:
-    """Rejects configs the released architecture does not define, naming the key and what is expected."""
-    expected = {
-        "hidden_dim": (config.hidden_dim, config.decoder_embed_dim, "decoder_embed_dim"),
-        "norm_type": (config.norm_type, "simplermsnorm", None),
-        "bias": (config.bias, False, None),
-    }
-    for key, (value, want, named) in expected.items():
-        if value != want:
-            raise ValueError(f"config {key}={value!r} is not supported; expected {named or repr(want)}")
-    if config.linear_act_fun not in ("swish", "silu"):
-        raise ValueError(f"config linear_act_fun={config.linear_act_fun!r} is not supported; expected 'swish'")
-    if config.decoder_embed_dim % config.decoder_attention_heads:
-        raise ValueError(
-            f"config decoder_embed_dim={config.decoder_embed_dim} is not divisible by "
-            f"decoder_attention_heads={config.decoder_attention_heads}"
-        )
+def check_hybrid_config(config: TransnormerConfig) -> None:
+    """Rejects softmax-attention layers outside the model or on LRPE layers."""
     lrpe = config.linear_use_lrpe_list
-    if lrpe and len(lrpe) != config.decoder_layers:
+    softmax = softmax_layers(config)
+    bad = [i for i in softmax if not 0 <= i < config.decoder_layers]
+    if bad:
+        raise ValueError(f"config softmax_attention_layers {bad} outside 0..{config.decoder_layers - 1}")
+    both = [i for i in softmax if lrpe and lrpe[i]]
+    if both:
         raise ValueError(
-            f"config linear_use_lrpe_list has {len(lrpe)} entries; expected one per layer ({config.decoder_layers})"
+            f"config softmax_attention_layers {both} also use LRPE; expected 0 there in linear_use_lrpe_list"
         )
+
+
+def softmax_layers(config: TransnormerConfig) -> list[int]:
+    """The 0-based indices of the softmax-attention layers (none in TNL checkpoints, which lack the key)."""
+    return list(getattr(config, "softmax_attention_layers", None) or [])
 
 
 class TransnormerCache:
-    """Constant-size generation state.
+    """Generation state: constant-size for TNL layers, keys and values for softmax-attention layers.
 
     Attributes:
-        states: per layer the fp32 state [b, h, d_qk, d_v] (d_qk = 2 d on LRPE layers) after the last token.
+        states: per TNL layer the fp32 state [b, h, d_qk, d_v] (d_qk = 2 d on LRPE layers) after the last token;
+            None on softmax layers.
+        keys, values: per softmax layer [b, h, seen_tokens, d] (activation dtype); None on TNL layers.
+        key_mask: [b, seen_tokens] bool, False at padding, for the softmax layers; None while there is none.
         positions: [b] int64, the LRPE position of each sequence's next token (its count of non-pad tokens).
         seen_tokens: tokens consumed so far, pad included (what generate() calls the cache length).
     """
 
     def __init__(self, num_layers: int) -> None:
         self.states: list[torch.Tensor | None] = [None] * num_layers
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.key_mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.seen_tokens = 0
 
@@ -100,7 +107,7 @@ class TransnormerCache:
 
         In place, so that states living in a :class:`DecodeGraph`'s static buffers stay there.
         """
-        for t in [*self.states, self.positions]:
+        for t in [*self.states, *self.keys, *self.values, self.key_mask, self.positions]:
             if t is not None:
                 t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
@@ -245,6 +252,43 @@ class NormLinearAttention(nn.Module):
         return self.out_proj(o.reshape(b, n, width)), state
 
 
+class SoftmaxAttention(nn.Module):
+    """The token mixer of a hybrid model's softmax layers: causal multi-head softmax attention, scale 1/sqrt(d),
+    no position encoding (the TNL layers carry position)."""
+
+    def __init__(self, config: TransnormerConfig) -> None:
+        super().__init__()
+        width = config.decoder_embed_dim
+        self.num_heads = config.decoder_attention_heads
+        self.head_dim = width // self.num_heads
+        self.qkv_proj = nn.Linear(width, 3 * width, bias=False)
+        self.out_proj = nn.Linear(width, width, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [b, n, D] -> ([b, n, D], (keys, values) [b, h, past + n, d]).
+
+        key_mask [b, past + n] bool, False at padding (None: no padding); kv: the keys and values of the past
+        tokens, or None.
+        """
+        b, n, width = x.shape
+        q, k, v = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if kv is not None:
+            k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+        past = k.shape[2] - n
+        if key_mask is None and (past == 0 or n == 1):  # SDPA's mask-free (flash) path
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
+        else:
+            query_at = past + torch.arange(n, device=x.device)[:, None]
+            key_at = torch.arange(past + n, device=x.device)
+            allowed = key_at <= query_at  # [n, past + n]
+            if key_mask is not None:  # a pad query keeps its own key, so that no row is empty (NaN)
+                allowed = allowed & (key_mask[:, None, :] | (key_at == query_at))[:, None]  # [b, 1, n, past + n]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, width)), (k, v)
+
+
 class GLU(nn.Module):
     """The channel mixer, SGLU: l3(l1(x) * l2(x)), no activation."""
 
@@ -263,7 +307,8 @@ class TransnormerDecoderLayer(nn.Module):
 
     def __init__(self, config: TransnormerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.token_mixer = NormLinearAttention(config, layer_idx)
+        self.softmax = layer_idx in softmax_layers(config)
+        self.token_mixer = SoftmaxAttention(config) if self.softmax else NormLinearAttention(config, layer_idx)
         glu_width = config.decoder_embed_dim if config.glu_dim == -1 else config.glu_dim
         self.channel_mixer = GLU(config.decoder_embed_dim, glu_width)
 
@@ -272,10 +317,16 @@ class TransnormerDecoderLayer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         pad_mask: torch.Tensor | None,
-        state: torch.Tensor | None,
+        state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
         use_cache: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        o, state = self.token_mixer(srmsnorm(x, NORM_EPS), positions, pad_mask, state, use_cache)
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]:
+        """x [b, n, D] -> (x [b, n, D], state). state: the TNL state, or on softmax layers the (keys, values);
+        positions and pad_mask [b, n] feed TNL layers, key_mask [b, past + n] softmax layers."""
+        if self.softmax:
+            o, state = self.token_mixer(srmsnorm(x, NORM_EPS), key_mask, state)
+        else:
+            o, state = self.token_mixer(srmsnorm(x, NORM_EPS), positions, pad_mask, state, use_cache)
         x = x + o
         return x + self.channel_mixer(srmsnorm(x, NORM_EPS)), state
 
@@ -310,9 +361,11 @@ class TransnormerModel(TransnormerPreTrainedModel):
 
     def __init__(self, config: TransnormerConfig) -> None:
         check_config(config)
+        check_hybrid_config(config)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.decoder_embed_dim, config.pad_token_id)
         self.layers = nn.ModuleList(TransnormerDecoderLayer(config, i) for i in range(config.decoder_layers))
+        self.softmax_layers = softmax_layers(config)
         self.embed_scale = 1.0 if config.no_scale_embedding else math.sqrt(config.decoder_embed_dim)
         self.post_init()
 
@@ -365,11 +418,18 @@ class TransnormerModel(TransnormerPreTrainedModel):
         else:  # count real tokens only: a left-padded prompt gets the positions it has alone
             positions = start[:, None] + pad_mask.long().cumsum(-1) - 1
 
+        key_mask = self._key_mask(cache, pad_mask, b, n)
         hidden = inputs_embeds
         all_hidden = []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
+            if layer.softmax:
+                kv = (cache.keys[i], cache.values[i]) if cache is not None and cache.keys[i] is not None else None
+                hidden, (keys, values) = layer(hidden, positions, pad_mask, kv, use_cache, key_mask)
+                if cache is not None:
+                    cache.keys[i], cache.values[i] = keys, values
+                continue
             state = cache.states[i] if cache is not None else None
             hidden, state = layer(hidden, positions, pad_mask, state, use_cache)
             if cache is not None:
@@ -380,6 +440,7 @@ class TransnormerModel(TransnormerPreTrainedModel):
         if cache is not None:
             cache.positions = start + (n if pad_mask is None else pad_mask.long().sum(-1))
             cache.seen_tokens += n
+            cache.key_mask = key_mask
 
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden,
@@ -387,6 +448,21 @@ class TransnormerModel(TransnormerPreTrainedModel):
             **{CACHE_FIELD: cache},
         )
         return out if return_dict is not False else out.to_tuple()
+
+    def _key_mask(
+        self, cache: TransnormerCache | None, pad_mask: torch.Tensor | None, b: int, n: int
+    ) -> torch.Tensor | None:
+        """The softmax layers' key mask [b, past + n] (False at padding), or None when nothing is padded."""
+        past_mask = cache.key_mask if cache is not None else None
+        if not self.softmax_layers or (past_mask is None and (pad_mask is None or bool(pad_mask.all()))):
+            return None
+        past = cache.seen_tokens if cache is not None else 0
+        device = self.embed_tokens.weight.device
+        if past_mask is None:
+            past_mask = torch.ones(b, past, dtype=torch.bool, device=device)
+        if pad_mask is None:
+            pad_mask = torch.ones(b, n, dtype=torch.bool, device=device)
+        return torch.cat([past_mask, pad_mask], dim=1)
 
 
 DECODE_MODES = ("auto", "graph", "static", "eager")
@@ -423,6 +499,13 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         mode = self.decode_mode
         if mode == "auto":
             mode = "graph" if ids.is_cuda else "eager"
+        if self.model.softmax_layers and mode != "eager":
+            if self.decode_mode == "auto":
+                return None
+            raise ValueError(
+                f"decode_mode={mode!r} needs a pure TNL model; layers {self.model.softmax_layers} use softmax "
+                "attention, whose cache grows (use 'auto' or 'eager')"
+            )
         if mode == "eager" or self.training or torch.is_grad_enabled() or cache.positions is None:
             return None
         if any(s is None for s in cache.states):

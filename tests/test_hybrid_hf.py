@@ -1,0 +1,197 @@
+"""The Hugging Face hybrid model (softmax attention on layers 1 and 3 of a tiny TNL): layout, its cache against
+recomputation in every generation mode, and its logits against Megatron's for the same weights.
+
+Ground truth for generation is the same generate() call with ``use_cache=False``, which recomputes the whole
+sequence at every step (no state or keys carried, reordered or padded).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from megatron.core import parallel_state
+
+from megatron_tnllm.configs import get_preset
+from megatron_tnllm.convert.layout import hf_config_from_tnl
+from megatron_tnllm.hf import TransnormerForCausalLM
+from megatron_tnllm.hf.export import standalone_modeling_source
+from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD, NormLinearAttention, SoftmaxAttention
+from tests.distributed import run_distributed
+
+HYBRID = get_preset("tnl-tiny-hybrid").replace(vocab_size=1000)
+SOFTMAX = list(HYBRID.softmax_layers)  # [1, 3]
+GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+
+
+def hybrid_config(tnl=HYBRID):
+    config = hf_config_from_tnl(tnl)
+    config.softmax_attention_layers = list(tnl.softmax_layers)
+    return config
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return TransnormerForCausalLM(hybrid_config()).eval()
+
+
+def _prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, HYBRID.vocab_size, (n,), generator=g) for n in lengths]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_layout_and_config_round_trip(tmp_path, model):
+    D = HYBRID.hidden_size
+    mixers = [type(layer.token_mixer) for layer in model.model.layers]
+    assert mixers == [NormLinearAttention, SoftmaxAttention, NormLinearAttention, SoftmaxAttention]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".token_mixer." in k}
+    assert shapes["model.layers.1.token_mixer.qkv_proj.weight"] == (3 * D, D)
+    assert shapes["model.layers.1.token_mixer.out_proj.weight"] == (D, D)
+    assert "model.layers.1.token_mixer.qkvu_proj.weight" not in shapes
+    assert sum(p.numel() for p in model.parameters()) == HYBRID.num_parameters()
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["softmax_attention_layers"] == SOFTMAX
+    loaded = TransnormerForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = _prompts([20])[0][None]
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_bad_softmax_layers_are_rejected():
+    config = hybrid_config()
+    config.softmax_attention_layers = [0]
+    with pytest.raises(ValueError, match=r"softmax_attention_layers \[0\] also use LRPE"):
+        TransnormerForCausalLM(config)
+    config.softmax_attention_layers = [4]
+    with pytest.raises(ValueError, match=r"softmax_attention_layers \[4\] outside 0..3"):
+        TransnormerForCausalLM(config)
+
+
+def test_export_source_builds_the_hybrid(tmp_path, model):
+    """The self-contained modeling file (what exports carry) builds and runs the hybrid the same way."""
+    namespace = {"__name__": "exported_modeling"}
+    source = standalone_modeling_source().replace(
+        "from .configuration_transnormer import", "from megatron_tnllm.hf.configuration_transnormer import"
+    )
+    exec(compile(source, "modeling_transnormer.py", "exec"), namespace)
+    exported = namespace["TransnormerForCausalLM"](model.config).eval()
+    exported.load_state_dict(model.state_dict())
+    tokens = _prompts([24])[0][None]
+    with torch.no_grad():
+        assert _rel(exported(tokens).logits, model(tokens).logits) < 1e-6
+
+
+def test_incremental_forward_equals_full_forward(model):
+    tokens = _prompts([40])[0][None]
+    with torch.no_grad():
+        full = model(tokens, use_cache=False).logits
+        out = model(tokens[:, :25], use_cache=True)
+        pieces = [out.logits]
+        cache = getattr(out, CACHE_FIELD)
+        pieces.append(model(tokens[:, 25:31], cache=cache, use_cache=True).logits)  # a chunk on top of the cache
+        for t in range(31, 40):  # then one token at a time
+            pieces.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert cache.seen_tokens == 40
+    assert [None if k is None else tuple(k.shape) for k in cache.keys] == [None, (1, 4, 40, 64), None, (1, 4, 40, 64)]
+    assert [s is None for s in cache.states] == [False, True, False, True]
+    assert _rel(torch.cat(pieces, dim=1), full) < 1e-5
+
+
+def test_greedy_with_cache_equals_recomputation(model):
+    prompt = torch.stack(_prompts([11, 11], seed=2))
+    cached = model.generate(prompt, do_sample=False, **GEN)
+    recomputed = model.generate(prompt, do_sample=False, use_cache=False, **GEN)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert _rel(torch.stack(cached.logits), torch.stack(recomputed.logits)) < 1e-5
+
+
+def test_sampling_with_cache_equals_recomputation(model):
+    prompt = torch.stack(_prompts([9, 9, 9], seed=3))
+    torch.manual_seed(7)
+    cached = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, **GEN)
+    torch.manual_seed(7)
+    recomputed = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, use_cache=False, **GEN)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+
+
+def test_beam_search_reorders_states_and_keys(model):
+    prompt = torch.stack(_prompts([10, 10], seed=4))
+    beams = dict(num_beams=4, num_return_sequences=2, do_sample=False, output_scores=True)
+    cached = model.generate(prompt, **beams, **GEN)
+    recomputed = model.generate(prompt, use_cache=False, **beams, **GEN)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert torch.allclose(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5)
+    # Beams really do swap rows here, so an un-reordered cache would have produced different text.
+    assert cached.beam_indices[:, : GEN["max_new_tokens"]].ne(cached.beam_indices[:, :1]).any()
+
+
+def test_left_padded_batch_equals_each_prompt_alone(model):
+    prompts = _prompts([3, 9, 14], seed=5)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
+    batched = model.generate(ids, attention_mask=mask, do_sample=False, **GEN)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], do_sample=False, **GEN)
+        assert torch.equal(batched.sequences[row, width:], alone.sequences[0, len(p) :])
+        step_logits = torch.stack([step[row] for step in batched.logits])
+        assert _rel(step_logits, torch.stack([step[0] for step in alone.logits])) < 1e-5
+    beams = dict(num_beams=3, do_sample=False)
+    padded = model.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)
+    recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **beams, **GEN)
+    assert torch.equal(padded.sequences, recomputed.sequences)
+
+
+def test_static_decoding_refuses_a_hybrid(model):
+    tokens = _prompts([6])[0][None]
+    with torch.no_grad():
+        cache = getattr(model(tokens, use_cache=True), CACHE_FIELD)
+        model.decode_mode = "static"
+        try:
+            with pytest.raises(ValueError, match=r"decode_mode='static' needs a pure TNL model; layers \[1, 3\]"):
+                model(tokens[:, :1], cache=cache, use_cache=True)
+        finally:
+            model.decode_mode = "auto"
+
+
+def _megatron_logits_worker(rank, world, out):
+    """Builds the hybrid tnl-tiny in Megatron (TP=1), saves its weights under HF names and its logits."""
+    from tests.test_hybrid_parallel import hybrid  # the Megatron hybrid builder (imports Megatron)
+
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(0)
+    model = hybrid(vocab_size=HYBRID.vocab_size)
+    ids = torch.stack(_prompts([32, 32], seed=6))
+    positions = torch.arange(32).expand(2, -1)
+    with torch.no_grad():
+        logits = model(ids, positions, None)
+    embedding = model.embedding.word_embeddings.weight
+    hf = {"model.embed_tokens.weight": embedding, "lm_head.weight": embedding}
+    for i, layer in enumerate(model.decoder.layers):
+        p, mixer = f"model.layers.{i}.", layer.self_attention
+        for name, param in mixer.named_parameters():  # qkvu_proj / qkv_proj / out_proj .weight, lrpe_theta
+            hf[p + "token_mixer." + name.replace("lrpe_theta", "lrpe.theta")] = param
+        l1, l2 = layer.mlp.linear_fc1.weight.chunk(2)
+        hf.update({f"{p}channel_mixer.l1.weight": l1, f"{p}channel_mixer.l2.weight": l2})
+        hf[f"{p}channel_mixer.l3.weight"] = layer.mlp.linear_fc2.weight
+    torch.save({"weights": {k: v.detach().clone() for k, v in hf.items()}, "ids": ids, "logits": logits}, out)
+
+
+def test_hf_logits_equal_megatron(tmp_path):
+    run_distributed(_megatron_logits_worker, 1, tmp_path / "megatron.pt")
+    saved = torch.load(tmp_path / "megatron.pt")
+    model = TransnormerForCausalLM(hybrid_config()).eval()
+    model.load_state_dict(saved["weights"])
+    with torch.no_grad():
+        logits = model(saved["ids"]).logits
+    assert logits.shape == saved["logits"].shape == (2, 32, HYBRID.vocab_size)
+    err = _rel(logits, saved["logits"])
+    assert err < 1e-5, f"HF logits off Megatron's by {err:.1e}"

@@ -1,0 +1,193 @@
+"""Multi-query associative recall (MQAR): pure TNL, hybrid TNL and pure softmax attention of one size.
+
+A sequence holds N key-value pairs, then N queries: each query is one of the keys, and the model must
+predict its value as the next token (Zoology's MQAR, arXiv 2312.04927, with the queries at the end):
+
+    k_1 v_1 k_2 v_2 ... k_N v_N   q_1 a_1 q_2 a_2 ... q_N a_N       (q_i: a key of the context, a_i its value)
+
+Keys and values come from disjoint halves of the vocabulary; the loss and the accuracy count the answers
+a_i only. Each model trains on a mix of sequence lengths (N = length / 4) and is scored, per length, on fresh
+sequences. The three models are the Hugging Face class of this package with the same width, depth, heads and
+SGLU: ``tnl`` (lightning attention everywhere, LRPE on layer 0), ``hybrid`` (softmax attention on every
+second layer, the others TNL), ``softmax`` (softmax attention everywhere, no position encoding).
+
+    python tools/recall_task.py --out DIR          # the full run (defaults below), meant for one GPU
+    python tools/recall_task.py --smoke --out DIR  # a few steps of each model, seconds (checks the tool)
+
+Writes DIR/recall.json (accuracy per model and length, settings), DIR/recall.md (a table) and, with
+matplotlib, DIR/hybrid_recall.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_tnllm.configs import TNLConfig, softmax_every
+from megatron_tnllm.convert.layout import hf_config_from_tnl
+from megatron_tnllm.hf import TransnormerForCausalLM
+
+MODELS = ("tnl", "hybrid", "softmax")
+
+
+def mqar_batch(batch: int, length: int, num_keys: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [batch, length], answer_mask [batch, length]); answer_mask is True where the next token is an answer.
+
+    Token ids: keys 1..num_keys, values num_keys + 1..2 num_keys (0 is padding, never used).
+    """
+    if length % 4:
+        raise ValueError(f"sequence length {length} is not a multiple of 4 (N pairs + N queries, 2 tokens each)")
+    pairs = length // 4
+    if pairs > num_keys:
+        raise ValueError(f"length {length} needs {pairs} distinct keys; --num-keys is {num_keys}")
+    keys = torch.rand(batch, num_keys, generator=generator).argsort(-1)[:, :pairs] + 1  # distinct per row
+    values = torch.randint(num_keys + 1, 2 * num_keys + 1, (batch, pairs), generator=generator)
+    order = torch.rand(batch, pairs, generator=generator).argsort(-1)  # which pair each query asks for
+    queries, answers = keys.gather(1, order), values.gather(1, order)
+    context = torch.stack([keys, values], -1).flatten(1)
+    asked = torch.stack([queries, answers], -1).flatten(1)
+    ids = torch.cat([context, asked], 1)
+    answer_mask = torch.zeros_like(ids, dtype=torch.bool)
+    answer_mask[:, 2 * pairs :: 2] = True  # the query positions: their next token is the answer
+    return ids, answer_mask
+
+
+def build(kind: str, shape: TNLConfig, device: torch.device) -> TransnormerForCausalLM:
+    """Model ``kind`` (one of MODELS) of ``shape``, randomly initialised."""
+    layers = shape.num_layers
+    if kind == "tnl":
+        tnl, softmax = shape, []
+    elif kind == "hybrid":
+        tnl, softmax = shape, list(softmax_every(layers, 2))
+    else:
+        tnl, softmax = shape.replace(lrpe_layers=()), list(range(layers))
+    config = hf_config_from_tnl(tnl)
+    config.softmax_attention_layers = softmax
+    return TransnormerForCausalLM(config).to(device)
+
+
+def answer_loss_and_hits(model, ids: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the answers and the per-answer correctness (argmax), bool [answers]."""
+    logits = model(ids[:, :-1], use_cache=False).logits  # position t predicts token t + 1
+    picked = logits[answer_mask[:, :-1]].float()
+    target = ids[:, 1:][answer_mask[:, :-1]]
+    return F.cross_entropy(picked, target), picked.argmax(-1) == target
+
+
+def train(kind: str, args, shape: TNLConfig, device: torch.device) -> dict[int, float]:
+    """Trains model ``kind`` on the mixed lengths; returns {length: answer accuracy on fresh sequences}."""
+    torch.manual_seed(args.seed)
+    model = build(kind, shape, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
+    g = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    model.train()
+    for step in range(args.steps):
+        length = args.lengths[step % len(args.lengths)]
+        ids, mask = mqar_batch(args.batch, length, args.num_keys, g)
+        loss, hits = answer_loss_and_hits(model, ids.to(device), mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            print(
+                f"{kind:>7} step {step:5d} length {length:4d} loss {loss.item():.3f} "
+                f"acc {hits.float().mean().item():.3f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    model.eval()
+    g_eval = torch.Generator().manual_seed(args.seed + 1)
+    accuracy = {}
+    with torch.no_grad():
+        for length in args.lengths:
+            hits = [
+                answer_loss_and_hits(
+                    model, *(t.to(device) for t in mqar_batch(args.batch, length, args.num_keys, g_eval))
+                )[1]
+                for _ in range(args.eval_batches)
+            ]
+            accuracy[length] = torch.cat(hits).float().mean().item()
+    return accuracy
+
+
+def write_results(out: Path, results: dict[str, dict[int, float]], settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall.json").write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
+    lengths = settings["lengths"]
+    rows = ["| model | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    rows += [f"| {kind} | " + " | ".join(f"{acc[n]:.3f}" for n in lengths) + " |" for kind, acc in results.items()]
+    (out / "recall.md").write_text("\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for kind, acc in results.items():
+        ax.plot(lengths, [acc[n] for n in lengths], marker="o", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length (key-value pairs = length / 4)")
+    ax.set_ylabel("recall accuracy")
+    ax.set_title(f"MQAR, D={settings['hidden_size']}, {settings['layers']} layers, {settings['heads']} heads")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "hybrid_recall.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="a few steps at short lengths (checks the tool)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--num-keys", type=int, default=256, help="distinct keys (and values) in the vocabulary")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.smoke:
+        args.lengths, args.steps, args.batch, args.eval_batches, args.log_every = [16, 32], 4, 4, 1, 2
+    shape = TNLConfig(
+        name="mqar",
+        num_layers=args.layers,
+        hidden_size=args.hidden_size,
+        num_heads=args.heads,
+        glu_size=2 * args.hidden_size,
+        vocab_size=2 * args.num_keys + 1,
+        seq_length=max(args.lengths),
+    )
+    device = torch.device(args.device)
+    results = {kind: train(kind, args, shape, device) for kind in args.models}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
+    settings.update(device=str(device), torch=torch.__version__)
+    write_results(args.out, results, settings)
+    print((args.out / "recall.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
