@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,15 @@ import torch
 from megatron_tnllm.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from megatron_tnllm.convert.cli import main as convert
 from megatron_tnllm.convert.hf_format import HFCheckpoint
-from megatron_tnllm.convert.megatron_format import TRACKER, merge_dcp_parts, save_dcp_part, write_checkpoint_metadata
-from tests.hf_helpers import tiny_model
+from megatron_tnllm.convert.megatron_format import (
+    TRACKER,
+    merge_dcp_parts,
+    save_dcp_part,
+    tnl_from_args,
+    write_checkpoint_metadata,
+)
+from megatron_tnllm.hf import TransnormerForCausalLM
+from tests.hf_helpers import TINY, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +161,14 @@ def test_refuses_to_overwrite_without_force(checkpoints, tmp_path, capsys):
 
 
 def test_failure_midway_leaves_nothing(checkpoints, tmp_path, monkeypatch):
-    read_group = HFCheckpoint.group
+    read_tensor = HFCheckpoint.read
 
-    def failing_group(self, index):
-        if index == 3:
+    def failing_read(self, name):
+        if name.startswith("model.layers.2."):
             raise OSError("disk read error")
-        return read_group(self, index)
+        return read_tensor(self, name)
 
-    monkeypatch.setattr(HFCheckpoint, "group", failing_group)
+    monkeypatch.setattr(HFCheckpoint, "read", failing_read)
     target = tmp_path / "out"
     with pytest.raises(OSError, match="disk read error"):
         hf_to_megatron(checkpoints / "hf", target, progress=False)
@@ -237,3 +245,19 @@ def test_invalid_safetensors_header_names_the_file(checkpoints, tmp_path, header
     shard = _shards(hf)[0]
     shard.write_bytes(len(header).to_bytes(8, "little") + header)
     _assert_fails(hf_to_megatron, hf, tmp_path / "out", f"{shard.name} {match}")
+
+
+def test_hybrid_checkpoints_are_refused_in_one_line(tmp_path):
+    """Hybrids' softmax layers have no mapping yet: refused by name both ways, never converted as TNL."""
+    config = tiny_model().config
+    config.linear_use_lrpe_list = [1] + [0] * (config.decoder_layers - 1)
+    config.softmax_attention_layers = [1]
+    torch.manual_seed(0)
+    TransnormerForCausalLM(config).save_pretrained(tmp_path / "hybrid")
+    _assert_fails(hf_to_megatron, tmp_path / "hybrid", tmp_path / "out", r"softmax_attention_layers=\[1\].*hybrid")
+    args = SimpleNamespace(
+        spec=["megatron_tnllm.specs", "tnl_tiny_hybrid"], num_layers=4, hidden_size=TINY.hidden_size,
+        num_attention_heads=TINY.num_heads, ffn_hidden_size=TINY.glu_size, layernorm_epsilon=1e-6, seq_length=64,
+    )  # fmt: skip
+    with pytest.raises(ConversionError, match=r"tnl_tiny_hybrid is a hybrid \(softmax attention on layers \[1, 3\]\)"):
+        tnl_from_args(args, tmp_path, (0,), 1000, True)

@@ -88,7 +88,7 @@ def test_api_refuses_overlap_too(checkpoints, tmp_path):
         hf_to_megatron(checkpoints / "hf", checkpoints / "hf", force=True, progress=False)
 
 
-# The conversion stops in its second layer until it is signalled; "ready" says the temporary directory exists.
+# The conversion stops in its first layer until it is signalled; "ready" says the temporary directory exists.
 _SLOW_CONVERSION = textwrap.dedent(
     """
     import sys, time
@@ -96,15 +96,15 @@ _SLOW_CONVERSION = textwrap.dedent(
     from megatron_tnllm.convert.cli import main
     from megatron_tnllm.convert.hf_format import HFCheckpoint
 
-    read = HFCheckpoint.group
+    read = HFCheckpoint.read
 
-    def slow(self, index):
-        if index == 1:
+    def slow(self, name):
+        if name.startswith("model.layers.0."):
             Path(sys.argv[3]).write_text("ready")
             time.sleep(120)
-        return read(self, index)
+        return read(self, name)
 
-    HFCheckpoint.group = slow
+    HFCheckpoint.read = slow
     sys.exit(main(["hf-to-megatron", sys.argv[1], sys.argv[2], "--no-progress"]))
     """
 )

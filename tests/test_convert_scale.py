@@ -1,9 +1,10 @@
 """The 175B-width conversion of docs/scaling.md in small: tools/write_random_hf.py writes a random checkpoint
 one tensor at a time, the converter takes it to torch_dist at TP=8 x PP=4 and back, and the result equals the
-draws bitwise; each conversion's peak resident set stays within the libraries plus about two layers.
+draws bitwise; each conversion's peak resident set stays within the libraries plus 0.9 layer.
 
-Here the width is tnl-1b's (a layer is 111 MB in bf16) cut to 4 layers with a vocabulary of 8192, so a layer is
-the largest group of tensors, as at 175B width. Peak RSS is the ``ru_maxrss`` of a child process, read by a
+Here the width is tnl-7b's (a layer is 438 MB in bf16; at tnl-1b's, 111 MB, the libraries' variation between
+processes blurs fractions of a layer) cut to 4 layers with a vocabulary of 8192, so a layer is the largest group
+of tensors, as at 175B width. Peak RSS is the ``ru_maxrss`` of a child process, read by a
 parent that runs nothing else; the baseline is a child that imports what the conversion imports.
 """
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import write_random_hf  # noqa: E402
 
-MODEL = write_random_hf.cut(get_preset("tnl-1b").replace(vocab_size=8192), 4)
+MODEL = write_random_hf.cut(get_preset("tnl-7b").replace(vocab_size=8192), 4)
 SEED = 7
 # Prints the peak RSS (bytes) of the command in argv, run as the only child of a fresh interpreter.
 PEAK = (
@@ -46,7 +47,7 @@ def _peak(*argv: str) -> int:
 def test_tp8_pp4_round_trip_is_bitwise_and_memory_is_about_a_layer(tmp_path):
     try:
         _round_trip(tmp_path)
-    finally:  # 1.4 GB of checkpoints
+    finally:  # 5.4 GB of checkpoints
         for name in ("hf", "megatron", "back"):
             shutil.rmtree(tmp_path / name, ignore_errors=True)
 
@@ -69,8 +70,10 @@ def _round_trip(tmp_path: Path) -> None:
         f"\nlayer {layer / 1e6:.0f} MB; libraries {baseline / 1e6:.0f} MB; peak above them: hf -> megatron "
         f"{(to_megatron - baseline) / layer:.2f} layers, megatron -> hf {(to_hf - baseline) / layer:.2f} layers"
     )
-    # A group is read whole, and the fused qkvu / [l1; l2] tensors are rebuilt beside it: <= 2.5 layers.
-    assert to_megatron - baseline < 2.5 * layer
-    assert to_hf - baseline < 2.5 * layer
+    # Tensors are converted one at a time (l1 and l2 together): the peak holds [l1; l2] (0.41 layer) twice, beside
+    # its halves or beside DCP's temporary copy (measured 0.55 and 0.52 layer). Reading a layer whole, with the
+    # fused tensors rebuilt beside it, takes 1.16 and 1.62 layers.
+    assert to_megatron - baseline < 0.9 * layer
+    assert to_hf - baseline < 0.9 * layer
     assert write_random_hf.check(MODEL, back, SEED, torch.bfloat16) is None
     assert write_random_hf.check(MODEL, back, SEED + 1, torch.bfloat16).startswith("model.embed_tokens.weight differs")

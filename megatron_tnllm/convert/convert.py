@@ -20,6 +20,7 @@ from megatron_tnllm.convert.hf_format import HFCheckpoint, SafetensorsWriter, pa
 from megatron_tnllm.convert.layout import (
     hf_config_from_tnl,
     hf_group_shapes,
+    hf_tensor_sets,
     megatron_group_objects,
     to_megatron,
 )
@@ -171,16 +172,18 @@ def hf_to_megatron(
         parts = []
         with _progress(tnl.num_layers + 1, "hf -> megatron", progress) as bar:
             for group in range(tnl.num_layers + 1):
-                tensors = {k: v.to(out_dtype) for k, v in hf.group(group).items()}
-                tensors = to_megatron(group, tensors, padded)
                 objects = dict.fromkeys(megatron_group_objects(group))
                 if group == 0:
                     objects[common_state_key()] = common
-                parts.append(checkpoint / ".parts" / f"{group:05d}")
-                save_dcp_part(parts[-1], tensors, objects)
-                count += len(tensors)
-                size += sum(t.numel() * t.element_size() for t in tensors.values())
-                del tensors
+                # One DCP part per set of HF tensors: memory holds one fused tensor, not a layer.
+                for names in hf_tensor_sets(tnl, group):
+                    tensors = to_megatron(group, {n: hf.read(n).to(out_dtype) for n in names}, padded)
+                    parts.append(checkpoint / ".parts" / f"{len(parts):05d}")
+                    save_dcp_part(parts[-1], tensors, objects)
+                    objects = {}
+                    count += len(tensors)
+                    size += sum(t.numel() * t.element_size() for t in tensors.values())
+                    del tensors
                 bar.update()
         merge_dcp_parts(parts, checkpoint)
         (checkpoint / ".parts").rmdir()
@@ -241,11 +244,14 @@ def megatron_to_hf(
         writer = SafetensorsWriter(staging, specs, max_bytes)
         with _progress(tnl.num_layers + 1, "megatron -> hf", progress) as bar:
             for group in range(tnl.num_layers + 1):
-                tensors = checkpoint.group(group)
-                for name in hf_group_shapes(tnl, group):
-                    tensor = tensors.pop(name).to(out_dtype)
-                    writer.write(name, tensor)
-                    size += tensor.numel() * tensor.element_size()
+                for names in hf_tensor_sets(tnl, group):
+                    tensors = checkpoint.group(group, names)
+                    for name in names:
+                        tensor = tensors.pop(name)
+                        parts = [p.to(out_dtype) for p in (tensor if isinstance(tensor, list) else [tensor])]
+                        writer.write(name, parts)
+                        size += sum(p.numel() * p.element_size() for p in parts)
+                    del tensors, tensor, parts
                 bar.update()
         writer.close()
         dtype_name = str(out_dtype).removeprefix("torch.")

@@ -1,5 +1,5 @@
 """Hugging Face checkpoint directories: a lazy reader (safetensors or PyTorch .bin, sharded or not) and a
-streaming safetensors writer. Neither ever holds more than one group (the embedding, or one layer) of tensors."""
+streaming safetensors writer. Neither ever holds more than one tensor (a fused one: qkvu, or [l1; l2]) at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.convert.errors import ConversionError
@@ -98,8 +97,8 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 class HFCheckpoint:
     """A Hugging Face TNL directory (OpenNLPLab layout or an export of this repository).
 
-    Opening reads config.json and every shard's header and checks them against each other; :meth:`group`
-    then reads one group of tensors, opening only the shards that hold it.
+    Opening reads config.json and every shard's header and checks them against each other; :meth:`read`
+    then reads one tensor.
     """
 
     def __init__(self, path: Path, seq_length: int | None = None) -> None:
@@ -145,11 +144,16 @@ class HFCheckpoint:
         """name -> (shape, dtype, file) of every stored tensor, from safetensors headers or mmap-ed .bin files."""
         files = sorted(set(self.files.values())) if isinstance(self.files, dict) else self.files
         stored = {}
+        self.offsets: dict[str, int] = {}  # safetensors: name -> file offset of the tensor's bytes
         for path in files:
             if path.suffix == ".safetensors":
-                for name, info in safetensors_header(path).items():
+                header = safetensors_header(path)
+                with open(path, "rb") as f:
+                    start = 8 + struct.unpack("<Q", f.read(8))[0]
+                for name, info in header.items():
                     if name != "__metadata__":
                         stored[name] = (tuple(info["shape"]), _FROM_SAFETENSORS.get(info["dtype"], info["dtype"]), path)
+                        self.offsets[name] = start + info["data_offsets"][0]
             else:
                 for name, tensor in _load_bin(path).items():
                     stored[name] = (tuple(tensor.shape), tensor.dtype, path)
@@ -180,21 +184,16 @@ class HFCheckpoint:
                 + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
             )
 
-    def group(self, index: int) -> dict[str, torch.Tensor]:
-        """The tensors of group ``index`` (0: embedding; i + 1: layer i) under their HF names."""
-        names = list(hf_group_shapes(self.tnl, index))
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.stored[name][2], []).append(name)
-        out = {}
-        for path, file_names in by_file.items():
-            if path.suffix == ".safetensors":
-                with safe_open(path, framework="pt") as f:
-                    out.update({name: f.get_tensor(name) for name in file_names})
-            else:
-                state = _load_bin(path)
-                out.update({name: state[name] for name in file_names})
-        return {name: out[name] for name in names}
+    def read(self, name: str) -> torch.Tensor:
+        """One stored tensor, read whole (safetensors: with a plain read, so no mapped pages stay resident)."""
+        shape, dtype, path = self.stored[name]
+        if path.suffix != ".safetensors":
+            return _load_bin(path)[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(self.offsets[name])
+            f.readinto(tensor.view(-1).view(torch.uint8).numpy())
+        return tensor
 
 
 def parse_size(size: str | int) -> int:
@@ -273,14 +272,21 @@ class SafetensorsWriter:
         self.handle.write(struct.pack("<Q", len(data)) + data)
         self.current = shard
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Appends the next tensor; its name, shape and dtype must be the next ones announced."""
+    def write(self, name: str, tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        """Appends the next tensor; its name, shape and dtype must be the next ones announced. A list of tensors is
+        written as their concatenation along dim 0, part after part (never built whole)."""
+        parts = tensor if isinstance(tensor, list) else [tensor]
         want, shape, dtype, shard = self.order[self.position]
-        if (name, tuple(tensor.shape), tensor.dtype) != (want, shape, dtype):
-            raise RuntimeError(f"expected {want} {list(shape)} {dtype}, got {name} {list(tensor.shape)} {tensor.dtype}")
+        got = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if parts[0].dim() else ()
+        if (name, got, parts[0].dtype) != (want, shape, dtype) or any(
+            (p.shape[1:], p.dtype) != (parts[0].shape[1:], parts[0].dtype) for p in parts
+        ):
+            shapes = " + ".join(str(list(p.shape)) for p in parts)
+            raise RuntimeError(f"expected {want} {list(shape)} {dtype}, got {name} {shapes} {parts[0].dtype}")
         if shard != self.current:
             self._open(shard)
-        self.handle.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+        for part in parts:
+            self.handle.write(part.detach().contiguous().cpu().view(torch.uint8).numpy().data)
         self.position += 1
 
     def close(self) -> None:

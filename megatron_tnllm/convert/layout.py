@@ -35,6 +35,12 @@ def tnl_from_hf_config(config: TransnormerConfig, seq_length: int = 2048) -> TNL
         check_config(config)
     except ValueError as e:
         raise ConversionError(str(e)) from None
+    softmax = getattr(config, "softmax_attention_layers", None)
+    if softmax:
+        raise ConversionError(
+            f"config softmax_attention_layers={list(softmax)}: the converter maps TNL layers only; "
+            "hybrid checkpoints are not supported yet"
+        )
     glu = config.decoder_embed_dim if config.glu_dim == -1 else config.glu_dim
     tnl = TNLConfig(
         name="custom",
@@ -111,49 +117,78 @@ def megatron_group_objects(group: int) -> list[str]:
     return [f"decoder.layers.{group - 1}.{linear}._extra_state/shard_0_1" for linear in MEGATRON_LINEARS]
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    # Views would drag their whole base storage into torch.save (DCP) or keep it alive.
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+# HF -> Megatron names (within a layer) of the tensors that are not fused.
+_RENAMED = {
+    "token_mixer.lrpe.theta": "self_attention.lrpe_theta",
+    "token_mixer.out_proj.weight": "self_attention.out_proj.weight",
+    "channel_mixer.l3.weight": "mlp.linear_fc2.weight",
+}
+
+
+def hf_tensor_sets(tnl: TNLConfig, group: int) -> list[list[str]]:
+    """HF names of group ``group`` in the sets that convert on their own, in file order: l1 and l2 (fused into
+    fc1) together, every other tensor alone. Converting set by set bounds memory by one fused tensor."""
+    names = list(hf_group_shapes(tnl, group))
+    return [[n, names[k + 1]] if n.endswith("l1.weight") else [n] for k, n in enumerate(names) if "l2." not in n]
 
 
 def to_megatron(group: int, tensors: dict[str, torch.Tensor], padded_vocab: int) -> dict[str, torch.Tensor]:
-    """HF tensors of a group -> Megatron torch_dist tensors (embedding rows zero-padded to ``padded_vocab``)."""
+    """HF tensors of a group, or of some of its :func:`hf_tensor_sets` -> Megatron torch_dist tensors (embedding
+    rows zero-padded to ``padded_vocab``). The qkvu sections are views (DCP saves each section's own bytes)."""
     if group == 0:
         emb = tensors[HF_EMBEDDING]
         pad = emb.new_zeros(padded_vocab - emb.shape[0], emb.shape[1])
         return {MEGATRON_EMBEDDING: torch.cat([emb, pad]) if pad.numel() else emb}
-    i = group - 1
-    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+    hf, mg = f"model.layers.{group - 1}.", f"decoder.layers.{group - 1}."
     out = {}
-    for section, block in zip(QKVU_SECTIONS, tensors[f"{hf}token_mixer.qkvu_proj.weight"].chunk(4), strict=True):
-        out[f"{mg}self_attention.qkvu_proj.weight.{section}"] = _own(block)
-    if f"{hf}token_mixer.lrpe.theta" in tensors:
-        out[f"{mg}self_attention.lrpe_theta"] = tensors[f"{hf}token_mixer.lrpe.theta"]
-    out[f"{mg}self_attention.out_proj.weight"] = tensors[f"{hf}token_mixer.out_proj.weight"]
-    out[f"{mg}mlp.linear_fc1.weight"] = torch.cat(
-        [tensors[f"{hf}channel_mixer.l1.weight"], tensors[f"{hf}channel_mixer.l2.weight"]]
-    )
-    out[f"{mg}mlp.linear_fc2.weight"] = tensors[f"{hf}channel_mixer.l3.weight"]
+    for name, tensor in tensors.items():
+        local = name.removeprefix(hf)
+        if local == "token_mixer.qkvu_proj.weight":
+            for section, block in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True):
+                out[f"{mg}self_attention.qkvu_proj.weight.{section}"] = block
+        elif local == "channel_mixer.l1.weight":
+            out[f"{mg}mlp.linear_fc1.weight"] = torch.cat([tensor, tensors[f"{hf}channel_mixer.l2.weight"]])
+        elif local != "channel_mixer.l2.weight":
+            out[mg + _RENAMED[local]] = tensor
     return out
 
 
-def from_megatron(group: int, tensors: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """Megatron torch_dist tensors of a group -> HF tensors (embedding padding rows dropped)."""
+def megatron_keys(group: int, hf_names: list[str]) -> list[str]:
+    """The torch_dist keys that HF tensors ``hf_names`` of group ``group`` are made of."""
     if group == 0:
-        return {HF_EMBEDDING: _own(tensors[MEGATRON_EMBEDDING][:vocab_size])}
-    i = group - 1
-    hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-    out = {
-        f"{hf}token_mixer.qkvu_proj.weight": torch.cat(
-            [tensors[f"{mg}self_attention.qkvu_proj.weight.{s}"] for s in QKVU_SECTIONS]
-        )
-    }
-    if f"{mg}self_attention.lrpe_theta" in tensors:
-        out[f"{hf}token_mixer.lrpe.theta"] = tensors[f"{mg}self_attention.lrpe_theta"]
-    out[f"{hf}token_mixer.out_proj.weight"] = tensors[f"{mg}self_attention.out_proj.weight"]
-    l1, l2 = tensors[f"{mg}mlp.linear_fc1.weight"].chunk(2)
-    out[f"{hf}channel_mixer.l1.weight"], out[f"{hf}channel_mixer.l2.weight"] = _own(l1), _own(l2)
-    out[f"{hf}channel_mixer.l3.weight"] = tensors[f"{mg}mlp.linear_fc2.weight"]
+        return [MEGATRON_EMBEDDING]
+    hf, mg = f"model.layers.{group - 1}.", f"decoder.layers.{group - 1}."
+    keys = []
+    for name in hf_names:
+        local = name.removeprefix(hf)
+        if local == "token_mixer.qkvu_proj.weight":
+            keys += [f"{mg}self_attention.qkvu_proj.weight.{s}" for s in QKVU_SECTIONS]
+        elif local in ("channel_mixer.l1.weight", "channel_mixer.l2.weight"):
+            keys += [] if f"{mg}mlp.linear_fc1.weight" in keys else [f"{mg}mlp.linear_fc1.weight"]
+        else:
+            keys.append(mg + _RENAMED[local])
+    return keys
+
+
+def from_megatron(
+    group: int, tensors: dict[str, torch.Tensor], vocab_size: int
+) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Megatron torch_dist tensors of a group (or of some HF tensors' :func:`megatron_keys`) -> HF tensors (embedding
+    padding rows dropped). The HF qkvu is the list of its four sections, in order (``SafetensorsWriter.write``
+    writes them in sequence); l1 and l2 are views of fc1."""
+    if group == 0:
+        return {HF_EMBEDDING: tensors[MEGATRON_EMBEDDING][:vocab_size]}
+    hf, mg = f"model.layers.{group - 1}.", f"decoder.layers.{group - 1}."
+    out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        local = key.removeprefix(mg)
+        if local.startswith("self_attention.qkvu_proj.weight."):
+            if local.endswith(".query"):
+                out[f"{hf}token_mixer.qkvu_proj.weight"] = [tensors[f"{key[:-6]}.{s}"] for s in QKVU_SECTIONS]
+        elif local == "mlp.linear_fc1.weight":
+            out[f"{hf}channel_mixer.l1.weight"], out[f"{hf}channel_mixer.l2.weight"] = tensor.chunk(2)
+        else:
+            out[hf + next(h for h, m in _RENAMED.items() if m == local)] = tensor
     return out
 
 
@@ -176,5 +211,5 @@ def merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor
 def split_torch_dist(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """A merged legacy tensor under its local name -> its torch_dist key(s) (qkvu becomes four sections)."""
     if key.endswith("qkvu_proj.weight"):
-        return {f"{key}.{s}": _own(t) for s, t in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True)}
+        return {f"{key}.{s}": t for s, t in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True)}
     return {key: tensor}

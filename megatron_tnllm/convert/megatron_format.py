@@ -38,6 +38,7 @@ from megatron_tnllm.convert.layout import (
     from_megatron,
     matching_preset,
     megatron_group_shapes,
+    megatron_keys,
     merge_tensor_parallel,
     split_torch_dist,
 )
@@ -242,6 +243,12 @@ def tnl_from_args(
 ) -> TNLConfig:
     """The TNLConfig that Megatron args describe (shape, norm epsilon, sequence length) with the given vocabulary,
     LRPE layers and embedding scale, which the args do not hold."""
+    info = spec_of_args(getattr(args, "spec", None))
+    if info is not None and info.softmax_layers_of(args.num_layers):
+        raise ConversionError(
+            f"{where}: --spec {' '.join(args.spec)} is a hybrid (softmax attention on layers "
+            f"{list(info.softmax_layers_of(args.num_layers))}); the converter maps TNL layers only"
+        )
     tnl = TNLConfig(
         name="custom",
         num_layers=args.num_layers,
@@ -346,10 +353,12 @@ class MegatronDistCheckpoint:
                     f"{path} is truncated: {self.path}/.metadata needs {size} bytes, the file has {path.stat().st_size}"
                 )
 
-    def group(self, index: int) -> dict[str, torch.Tensor]:
-        """Group ``index`` under HF names (0: embedding without padding rows; i + 1: layer i)."""
+    def group(self, index: int, names: list[str] | None = None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Group ``index`` under HF names (0: embedding without padding rows; i + 1: layer i), or only its HF
+        tensors ``names`` (one of :func:`hf_tensor_sets`: only their torch_dist keys are read)."""
         shapes = megatron_group_shapes(self.tnl, index, self.padded_vocab)
-        state = {key: torch.empty(shape, dtype=self.dtypes[key]) for key, shape in shapes.items()}
+        keys = shapes if names is None else megatron_keys(index, names)
+        state = {key: torch.empty(shapes[key], dtype=self.dtypes[key]) for key in keys}
         dcp.load(state, storage_reader=self.reader, no_dist=True)
         return from_megatron(index, state, self.tnl.vocab_size)
 
@@ -446,8 +455,8 @@ class MegatronLegacyCheckpoint:
             self._stage = (pp, [self._load(self.files[(tp, pp)]) for tp in range(self.tp)])
         return self._stage[1]
 
-    def group(self, index: int) -> dict[str, torch.Tensor]:
-        """Group ``index`` under HF names, merged across tensor-parallel ranks."""
+    def group(self, index: int, names: list[str] | None = None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Group ``index`` under HF names, merged across tensor-parallel ranks; or only its HF tensors ``names``."""
         if index == 0:
             files, model_key = self._stage_states(0), self.model_keys[0]
             prefix = global_prefix = MEGATRON_EMBEDDING
@@ -457,11 +466,15 @@ class MegatronLegacyCheckpoint:
             files = self._stage_states(pp)
             prefix, global_prefix = f"decoder.layers.{layer - offset}.", f"decoder.layers.{layer}."
         states = [f[model_key] for f in files]
+        wanted = None if names is None else megatron_keys(index, names)
         merged = {}
         for key in states[0]:
-            if key.startswith(prefix) and not key.endswith("_extra_state"):
+            global_key = global_prefix + key[len(prefix) :]
+            if not key.startswith(prefix) or key.endswith("_extra_state"):
+                continue
+            if wanted is None or any(k.startswith(global_key) for k in wanted):  # qkvu: the sections' prefix
                 tensor = merge_tensor_parallel(key, [state[key] for state in states])
-                merged.update(split_torch_dist(global_prefix + key[len(prefix) :], tensor))
+                merged.update(split_torch_dist(global_key, tensor))
         return from_megatron(index, merged, self.tnl.vocab_size)
 
 
