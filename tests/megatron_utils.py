@@ -3,6 +3,7 @@ and the checks on sharded state dicts. Everything here runs inside the gloo work
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -50,6 +51,17 @@ def grads_into_params(model) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.grad)
+
+
+def save_reference(model, vocab_size: int, out) -> None:
+    """The TP=1 reference of a parity test: ``out/loss.json``, and the weights and every gradient of ``model`` on
+    :func:`fixed_batch` as torch_dist checkpoints (``out/weights``, ``out/grads``) that load at any layout."""
+    loss = loss_of(model, fixed_batch(vocab_size))
+    loss.backward()
+    save_checkpoint(model, out / "weights")
+    grads_into_params(model)
+    save_checkpoint(model, out / "grads")
+    (out / "loss.json").write_text(json.dumps(loss.item()))
 
 
 def sharded_tensors(sharded_state_dict: dict) -> list[ShardedTensor]:

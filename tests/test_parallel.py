@@ -24,10 +24,10 @@ from tests.megatron_utils import (
     all_reduce_tied_embedding_grads,
     assert_tp_sharded_params_saved_sharded,
     fixed_batch,
-    grads_into_params,
     load_checkpoint,
     loss_of,
     save_checkpoint,
+    save_reference,
 )
 from tests.testing import rel_err
 
@@ -43,12 +43,7 @@ def _reference_worker(rank, world, out):
     parallel_state.initialize_model_parallel()
     torch.manual_seed(0)
     model = tiny()
-    loss = loss_of(model, fixed_batch(PRESET.vocab_size))
-    loss.backward()
-    save_checkpoint(model, out / "weights")
-    grads_into_params(model)
-    save_checkpoint(model, out / "grads")
-    (out / "loss.json").write_text(json.dumps(loss.item()))
+    save_reference(model, PRESET.vocab_size, out)
 
 
 @pytest.fixture(scope="module")
