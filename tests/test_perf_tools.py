@@ -79,6 +79,7 @@ def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProc
         "a = sys.argv\n"
         "it, gbs = int(a[a.index('--train-iters') + 1]), int(a[a.index('--global-batch-size') + 1])\n"
         "if os.environ.get('RANK', '0') == '0':\n"
+        "    print('argv:', ' '.join(a[1:]))\n"
         "    for i in range(1, it + 1):\n"
         "        print(f' iteration {i:8d}/{it:8d} | elapsed time per iteration (ms): 1000.0 | "
         "throughput per GPU (TFLOP/s/GPU): 400.0 | global batch size: {gbs:5d} | lm loss: 1.0E+01 |')\n"
@@ -100,7 +101,15 @@ def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProc
         ({}, ["a[$(touch pwned)]"], "SEQ a\\[\\$\\(touch\\ pwned\\)\\]: expected a positive integer"),
         ({"GPU": "$(touch pwned)"}, ["2048"], "GPU=\\$\\(touch\\ pwned\\): expected one GPU index"),
         ({"ITERS": "3"}, ["2048"], "ITERS=3: expected an integer >= 4"),
-        ({"MODELS": "tnl llama"}, ["2048"], "MODELS entry llama: expected tnl, gpt or tnl7b"),
+        (
+            {"MODELS": "tnl llama"},
+            ["2048"],
+            "MODELS entry llama: expected tnl, gpt, hybrid, tnlcp2, hybridcp2 or tnl7b",
+        ),
+        ({"MODELS": "hybridcp2"}, ["2050"], "SEQ 2050: expected a multiple of 4 for tnlcp2 / hybridcp2"),
+        ({"EXTRA_ARGS": "--cross-entropy-loss-fusion --save=/tmp"}, ["2048"], "EXTRA_ARGS entry --save=/tmp: expected"),
+        ({"EXTRA_ARGS": "--cross-entropy-fusion-impl te"}, ["2048"], "--cross-entropy-fusion-impl takes native"),
+        ({"EXTRA_ARGS": "--cross-entropy-loss-fusion\n--save"}, ["2048"], "expected flags on one line"),
     ],
 )
 def test_bench_training_takes_values_not_code(tmp_path, monkeypatch, env, args, message):
@@ -118,3 +127,49 @@ def test_bench_training_summary(tmp_path):
     # 3 x 2,062,680,064 FLOP per token (megatron_tnllm.flops, LRPE on layer 0) x 65,536 tokens in 1 s:
     # 405.5 TFLOP/s, 41.0% of 989; 46080 MiB
     assert rows[2] == "| tnl | 2048 | 1 | 1000.0 | 65,536 | 406 | 41.0% | 45.0 |"
+
+
+def _hybrid_flops_per_token(seq: int) -> int:
+    """tnl-1b-hybrid: tnl-1b's 2,062,680,064 forward FLOPs per token, and on each of its 2 softmax layers 2 seq D for
+    the causal scores and values, less the gate's 2 D^2 and the lightning attention's H (C 2 dh + 4 dh^2)."""
+    D = 2048
+    return 2_062_680_064 + 2 * (2 * seq * D - 2 * D * D - (2 * 64 * D + 4 * D * 128))
+
+
+def test_bench_training_hybrid_and_context_parallel_runs(tmp_path):
+    """hybrid on one GPU (micro-batch 2 x 8192, 8 of them) and tnlcp2 / hybridcp2 on two (micro-batch 1, 16 of
+    them: 64k tokens per GPU) against the stand-in, with EXTRA_ARGS; their FLOPs count the softmax layers."""
+    env = {"MODELS": "hybrid tnlcp2 hybridcp2", "ITERS": "4", "EXTRA_ARGS": "--cross-entropy-loss-fusion"}
+    done = _bench_training(tmp_path, env, "8192")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+
+    def argv(model):
+        line = next(x for x in (out / f"{model}_8192.log").read_text().splitlines() if x.startswith("argv:"))
+        return line.split()[1:]
+
+    hybrid = argv("hybrid")
+    assert hybrid[hybrid.index("--spec") + 2] == "tnl_1b_hybrid" and "--context-parallel-size" not in hybrid
+    assert (
+        hybrid[hybrid.index("--micro-batch-size") + 1] == "2" and hybrid[hybrid.index("--global-batch-size") + 1] == "8"
+    )
+    for model, spec in (("tnlcp2", "tnl_1b"), ("hybridcp2", "tnl_1b_hybrid")):
+        a = argv(model)
+        assert a[a.index("--spec") + 2] == spec and a[a.index("--context-parallel-size") + 1] == "2"
+        assert a[a.index("--micro-batch-size") + 1] == "1" and a[a.index("--global-batch-size") + 1] == "16"
+        assert "--cross-entropy-loss-fusion" in a and "--recompute-granularity" not in a
+    rows = (out / "summary.md").read_text().splitlines()
+    flops = 3 * _hybrid_flops_per_token(8192)
+    tnl = 3 * 2_062_680_064
+    assert (
+        rows[2] == f"| hybrid | 8192 | 1 | 1000.0 | 65,536 | {flops * 65536 / 1e12:.0f} | "
+        f"{100 * flops * 65536 / 1e12 / 989:.1f}% | 45.0 |"
+    )
+    assert (
+        rows[3] == f"| tnlcp2 | 8192 | 2 | 1000.0 | 131,072 | {tnl * 131072 / 2e12:.0f} | "
+        f"{100 * tnl * 131072 / 2e12 / 989:.1f}% | 45.0 |"
+    )
+    assert (
+        rows[4] == f"| hybridcp2 | 8192 | 2 | 1000.0 | 131,072 | {flops * 131072 / 2e12:.0f} | "
+        f"{100 * flops * 131072 / 2e12 / 989:.1f}% | 45.0 |"
+    )

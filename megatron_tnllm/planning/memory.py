@@ -3,25 +3,33 @@
     python tools/plan_memory.py --preset tnl-7b --tp 2 --sp --dp 4 --mbs 1 --seq 4096
     python tools/plan_memory.py --preset tnl-175b --tp 8 --sp --pp 12 --vpp 2 --dp 2 --gbs 1536
 
-The model is the worst pipeline stage (the first: embedding plus the most micro-batches in flight)
-of one GPU:
+Each pipeline stage is planned on one GPU and the worst is reported: the stage with the largest total (the first
+stage on ties). For a pure TNL model that is the first stage (embedding, LRPE, the most micro-batches in flight)
+unless the last stage's logits outweigh them (a large vocabulary at small PP); a hybrid's stages differ in their
+softmax-attention layers (:mod:`megatron_tnllm.hybrid`). Chunk v of stage r holds layers (v PP + r) L / (PP VPP)
+onwards (Megatron's even split). Per stage:
 
-* weights bf16 (2 B/param) and Megatron's fp32 gradient buffer (4 B/param);
+* weights bf16 (2 B/param) and Megatron's fp32 gradient buffer (4 B/param); a TNL layer has 5 D^2 + 3 D G
+  parameters (qkvu, out, SGLU) and D more with LRPE, a softmax-attention layer 4 D^2 + 3 D G (qkv, out, SGLU);
+  the embedding V D is on the first stage and, tied, again as the output layer on the last;
 * Adam state: fp32 master weights, m and v (12 B/param), divided by DP x CP with the distributed optimizer
   (Megatron shards it over the data-parallel group with the context-parallel ranks);
 * activations saved for backward, bytes per token per layer (bf16, TNL layer as implemented here):
   token mixer ~26 D (input norm, fused qkvu output kept by SiLU, SiLU outputs, attention output,
   fp32 norm statistics, gate product, out-proj input; +8 D on an LRPE layer, whose q, k double),
-  SGLU ~4 D + 6 G (norm, fc1 input, [l1; l2] output, product); divided by TP under sequence
-  parallelism and by CP (each context-parallel rank holds seq / CP tokens; inside the attention it holds
-  all tokens of heads / CP heads, the same bytes); with full recompute only each layer's input (2 D) is
-  kept, plus one layer's full set;
-* micro-batches in flight on the first stage (Megatron core_v0.19 ``get_pp_rank_microbatches``): 1F1B holds
-  PP of them through its L / PP layers; the interleaved schedule (VPP model chunks of L / (PP VPP) layers
-  per stage) runs 2 (PP - 1) + (VPP - 1) PP warm-up chunk forwards before its first backward, so it holds
-  2 (PP - 1) + (VPP - 1) PP + 1 chunks: (1 + (PP - 1) / (PP VPP)) x L / PP layers' worth at large PP,
-  more than 1F1B's; both are capped by the chunks a step has (micro-batches x VPP);
-* the last stage's logits and their fp32 cross-entropy gradient (~10 B per logit);
+  SGLU ~4 D + 6 G (norm, fc1 input, [l1; l2] output, product); a softmax-attention layer through SDPA's
+  flash kernel ~12 D + 4 H in its mixer (input norm, q, k, v, the output saved by SDPA and its copy saved by
+  the output projection, fp32 log-sum-exp per head; nothing grows with the sequence) and the same SGLU;
+  divided by TP under sequence parallelism and by CP (each context-parallel rank holds seq / CP tokens;
+  inside the attention it holds all tokens of heads / CP heads, the same bytes); with full recompute only
+  each layer's input (2 D) is kept, plus the stage's largest layer's full set;
+* micro-batches in flight on stage r when its first backward starts (Megatron core_v0.19
+  ``get_pp_rank_microbatches``): 1F1B holds PP - r of them through its L / PP layers; the interleaved schedule
+  (VPP model chunks of L / (PP VPP) layers per stage) runs 2 (PP - r - 1) + (VPP - 1) PP warm-up chunk
+  forwards, PP micro-batches of each chunk in turn, so the first stage holds 2 (PP - 1) + (VPP - 1) PP + 1
+  chunks: (1 + (PP - 1) / (PP VPP)) x L / PP layers' worth at large PP, more than 1F1B's; both are capped by
+  the chunks a step has (micro-batches x VPP);
+* the last stage's logits and their fp32 cross-entropy gradient (~10 B per logit), one micro-batch's;
 * Adam's step: torch's foreach AdamW (Megatron's optimizer without apex or Transformer Engine) allocates
   sqrt(v) for its whole parameter group, 4 B per parameter of the shard, after backward has freed the
   activations; counted where it exceeds activations + logits (models cut to a few layers on one GPU);
@@ -71,24 +79,42 @@ class Layout:
                 f"vpp {self.vpp}: {self.num_microbatches} micro-batches a step are not a multiple of pp {self.pp}"
             )
 
-    def in_flight(self, layers_per_stage: int) -> tuple[float, int]:
-        """(layers' worth of activations the first stage holds, micro-batches of its first layer held)."""
+    def held(self, stage: int) -> tuple[int, ...]:
+        """Micro-batches of each model chunk whose activations pipeline stage ``stage`` holds when its first
+        backward starts: its warm-up forwards plus one (Megatron core_v0.19's schedules, module docstring)."""
         if self.vpp == 1:
-            held = min(self.pp, self.num_microbatches)
-            return held * layers_per_stage, held
-        chunks = min(2 * (self.pp - 1) + (self.vpp - 1) * self.pp + 1, self.num_microbatches * self.vpp)
-        # chunk 0 runs PP micro-batches per group; the warm-up's tail is PP - 1 more of them
-        first_chunk = min(2 * self.pp - 1, self.num_microbatches)
-        return chunks * layers_per_stage / self.vpp, first_chunk
+            return (min(self.pp - stage, self.num_microbatches),)
+        forwards = min(2 * (self.pp - stage - 1) + (self.vpp - 1) * self.pp + 1, self.num_microbatches * self.vpp)
+        counts = [0] * self.vpp
+        for k in range(forwards):  # forward k runs chunk (k mod PP VPP) // PP (groups of PP micro-batches)
+            counts[k % (self.pp * self.vpp) // self.pp] += 1
+        return tuple(counts)
 
 
-def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False) -> int:
+def stage_layers(num_layers: int, pp: int, vpp: int, stage: int) -> tuple[range, ...]:
+    """The 0-based global layers of each model chunk of pipeline stage ``stage``: chunk v holds
+    L / (PP VPP) layers from (v PP + stage) L / (PP VPP) (Megatron's even split, its layer offset)."""
+    n = num_layers // (pp * vpp)
+    return tuple(range((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(vpp))
+
+
+def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False, softmax: bool = False) -> int:
+    """Bytes saved for backward per token by one layer (module docstring): a TNL layer, with ``lrpe`` one with
+    LRPE, with ``softmax`` a softmax-attention layer."""
     D, G = cfg.hidden_size, cfg.glu_size
+    if softmax:
+        return 12 * D + 4 * cfg.num_heads + 4 * D + 6 * G
     return 26 * D + (8 * D if lrpe else 0) + 4 * D + 6 * G
 
 
-def plan(cfg: TNLConfig, lay: Layout) -> dict[str, float]:
-    """Bytes per GPU on the first pipeline stage (and the last stage's logits if PP = 1)."""
+def layer_parameters(cfg: TNLConfig, softmax: bool = False) -> int:
+    """Matrix parameters of one layer: qkvu (4 D^2) or, on a softmax-attention layer, qkv (3 D^2); out; SGLU."""
+    D = cfg.hidden_size
+    return (3 if softmax else 4) * D * D + D * D + 3 * D * cfg.glu_size
+
+
+def _check(cfg: TNLConfig, lay: Layout) -> None:
+    """ValueError when the model does not split into the layout."""
     if cfg.num_layers % (lay.pp * lay.vpp):
         what = f"{lay.pp} pipeline stages" + (f" x {lay.vpp} virtual stages" if lay.vpp > 1 else "")
         raise ValueError(f"{cfg.name}: {cfg.num_layers} layers do not split into {what}")
@@ -96,21 +122,52 @@ def plan(cfg: TNLConfig, lay: Layout) -> dict[str, float]:
         raise ValueError(f"{cfg.name}: {cfg.num_heads} heads do not split over TP={lay.tp} x CP={lay.cp}")
     if lay.seq % (2 * lay.cp):
         raise ValueError(f"sequence {lay.seq} does not split into 2 x CP={lay.cp} chunks (Megatron's zig-zag)")
-    layers = cfg.num_layers // lay.pp
+
+
+def stage_parameters(cfg: TNLConfig, lay: Layout, stage: int) -> float:
+    """Parameters one GPU of pipeline stage ``stage`` holds (all its model chunks), at tensor parallelism TP."""
+    layers = [i for chunk in stage_layers(cfg.num_layers, lay.pp, lay.vpp, stage) for i in chunk]
+    softmax = sum(1 for i in layers if i in cfg.softmax_layers)
+    lrpe = sum(1 for i in layers if i in cfg.lrpe_layers)
+    embeddings = (stage == 0) + (lay.pp > 1 and stage == lay.pp - 1)  # the tied output layer's copy
     D = cfg.hidden_size
-    layer_params = 5 * D * D + 3 * D * cfg.glu_size
-    params = (layers * layer_params + D * len(cfg.lrpe_layers) + cfg.vocab_size * D) / lay.tp
+    matrices = (len(layers) - softmax) * layer_parameters(cfg) + softmax * layer_parameters(cfg, softmax=True)
+    return (matrices + D * lrpe + embeddings * cfg.vocab_size * D) / lay.tp
+
+
+def plan_stage(cfg: TNLConfig, lay: Layout, stage: int) -> dict[str, float]:
+    """Bytes per GPU of pipeline stage ``stage``, by part (module docstring)."""
+    _check(cfg, lay)
+    if not 0 <= stage < lay.pp:
+        raise ValueError(f"stage {stage} outside 0..{lay.pp - 1}")
+    D = cfg.hidden_size
+    params = stage_parameters(cfg, lay, stage)
     optimizer_bytes = 12 / (lay.dp * lay.cp if lay.distributed_optimizer else 1)
     tokens = lay.mbs * lay.seq // lay.cp
-    held_layers, held_first = lay.in_flight(layers)
+    chunks = stage_layers(cfg.num_layers, lay.pp, lay.vpp, stage)
+    held = lay.held(stage)
+    # layer-micro-batches held by kind; the LRPE and softmax layers are disjoint (TNLConfig checks it)
+    held_lrpe = sum(n * sum(1 for i in chunk if i in cfg.lrpe_layers) for n, chunk in zip(held, chunks, strict=True))
+    held_softmax = sum(
+        n * sum(1 for i in chunk if i in cfg.softmax_layers) for n, chunk in zip(held, chunks, strict=True)
+    )
+    held_layers = sum(n * len(chunk) for n, chunk in zip(held, chunks, strict=True))
     act_split = lay.tp if lay.sp else 1
     layer = activation_bytes_per_token_layer(cfg) * tokens / act_split
-    full_layer = activation_bytes_per_token_layer(cfg, lrpe=0 in cfg.lrpe_layers) * tokens / act_split
+    lrpe_layer = activation_bytes_per_token_layer(cfg, lrpe=True) * tokens / act_split
+    softmax_layer = activation_bytes_per_token_layer(cfg, softmax=True) * tokens / act_split
     if lay.recompute == "full":
-        activations = held_layers * 2 * D * tokens / act_split + full_layer
-    else:  # the first stage's first layer may be an LRPE layer (every preset's is)
-        activations = (held_layers - held_first) * layer + held_first * full_layer
-    logits = 10 * tokens * cfg.vocab_size / lay.tp if lay.pp == 1 else 0.0
+        kinds = {
+            activation_bytes_per_token_layer(cfg, lrpe=i in cfg.lrpe_layers, softmax=i in cfg.softmax_layers)
+            for chunk in chunks
+            for i in chunk
+        }
+        activations = held_layers * 2 * D * tokens / act_split + max(kinds) * tokens / act_split
+    else:
+        activations = (
+            (held_layers - held_lrpe - held_softmax) * layer + held_lrpe * lrpe_layer + held_softmax * softmax_layer
+        )
+    logits = 10 * tokens * cfg.vocab_size / lay.tp if stage == lay.pp - 1 else 0.0
     adam_step = 4 * params / (lay.dp * lay.cp if lay.distributed_optimizer else 1)
     parts = {
         "weights (bf16)": 2 * params,
@@ -123,6 +180,18 @@ def plan(cfg: TNLConfig, lay: Layout) -> dict[str, float]:
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def worst_stage(cfg: TNLConfig, lay: Layout) -> tuple[int, dict[str, float]]:
+    """(stage, its :func:`plan_stage`) of the pipeline stage with the largest total; the first on ties."""
+    stages = [plan_stage(cfg, lay, r) for r in range(lay.pp)]
+    stage = max(range(lay.pp), key=lambda r: (stages[r]["total"], -r))
+    return stage, stages[stage]
+
+
+def plan(cfg: TNLConfig, lay: Layout) -> dict[str, float]:
+    """Bytes per GPU of the worst pipeline stage (:func:`worst_stage`), by part."""
+    return worst_stage(cfg, lay)[1]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -144,7 +213,9 @@ def positive_int(text: str) -> int:
 
 def add_layout_arguments(p: argparse.ArgumentParser, preset_required: bool = True) -> None:
     """The model and layout options shared by the memory and step-time planners."""
-    p.add_argument("--preset", required=preset_required)
+    p.add_argument(
+        "--preset", required=preset_required, help="TNL or hybrid preset, e.g. tnl-1b, tnl-1b-hybrid (or tnl_1b_hybrid)"
+    )
     p.add_argument("--vocab-size", type=positive_int, help="override the preset's vocabulary (padded size)")
     p.add_argument("--tp", type=positive_int, default=1)
     p.add_argument("--pp", type=positive_int, default=1)
@@ -175,10 +246,28 @@ def layout_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
             args.tp, args.pp, args.dp, args.cp, args.sp, args.mbs, args.seq, gbs // (args.mbs * args.dp),
             args.recompute, not args.no_distributed_optimizer, args.vpp,
         )  # fmt: skip
-        plan(cfg, lay)  # the shape checks
+        _check(cfg, lay)
     except ValueError as e:
         p.error(str(e))
     return cfg, lay
+
+
+def softmax_summary(cfg: TNLConfig) -> str:
+    """ "softmax layers: N of L (indices)" for a hybrid."""
+    return f"softmax layers: {len(cfg.softmax_layers)} of {cfg.num_layers} ({', '.join(map(str, cfg.softmax_layers))})"
+
+
+def describe_layers(cfg: TNLConfig, lay: Layout, stage: int) -> str:
+    """One line: the softmax-attention layers of the model and the pipeline stage reported (with its own)."""
+    words = [softmax_summary(cfg)] if cfg.softmax_layers else []
+    if lay.pp > 1:
+        mine = [i for chunk in stage_layers(cfg.num_layers, lay.pp, lay.vpp, stage) for i in chunk]
+        held = sum(1 for i in mine if i in cfg.softmax_layers)
+        words.append(
+            f"worst stage {stage} of PP={lay.pp} (0-based, the largest total)"
+            + (f", {held} softmax layers" if cfg.softmax_layers else "")
+        )
+    return "; ".join(words)
 
 
 def main(argv: list[str] | None = None, prog: str = "plan_memory.py") -> None:
@@ -186,12 +275,14 @@ def main(argv: list[str] | None = None, prog: str = "plan_memory.py") -> None:
     p = OneLineParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_layout_arguments(p)
     cfg, lay = layout_from_args(p, p.parse_args(argv))
-    parts = plan(cfg, lay)
+    stage, parts = worst_stage(cfg, lay)
     print(
         f"{cfg.name}: TP={lay.tp} PP={lay.pp}{f' VPP={lay.vpp}' if lay.vpp > 1 else ''} DP={lay.dp} CP={lay.cp}"
         f"{' SP' if lay.sp else ''} mbs={lay.mbs} "
         f"seq={lay.seq} recompute={lay.recompute} distributed-optimizer={lay.distributed_optimizer}"
     )
+    if cfg.softmax_layers or stage:
+        print(f"  {describe_layers(cfg, lay, stage)}")
     for name, value in parts.items():
         print(f"  {name:<18} {value / GiB:8.1f} GiB")
     for gpu, mem in (("H100 80GB", 80e9), ("H200 141GB", 141e9)):

@@ -10,6 +10,11 @@ Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at t
   recompute), or tools/bench/bench_layer.py's measured time of the same per-GPU products (``--layer-times``);
 * lightning attention: ATTENTION_S_PER_ELEMENT per token x D / TP (docs/benchmarks.md, B4_T8192_H32: 1.80 ms
   fwd+bwd), x LRPE_ATTENTION on an LRPE layer; measured per shape with ``--layer-times``;
+* a hybrid's softmax-attention layers (:mod:`megatron_tnllm.hybrid`; always modeled, ``--layer-times`` measures
+  TNL layers only): products 6 tokens (4 D^2 + 3 D G) / TP FLOPs as above, and the causal score and value
+  products through SDPA's flash kernel, 3 x 2 SEQ D FLOPs per token (megatron_tnllm.flops) x tokens / TP at
+  SOFTMAX_ATTENTION_FLOPS; elementwise work of D / (TP if SP else 1) + (D + 3 G) / TP per token (no SiLU, gate
+  or norm in the mixer; the attention output's copy);
 * the rest (norms, SiLU, gating, residuals, casts): ELEMENTWISE_S per token x (D / (TP if SP else 1)
   + (4 D + 3 G) / TP) elements, calibrated on tnl-1b; or the measured layer minus its products and attention;
 * the host: Megatron's local (non-Transformer-Engine) layer launches its kernels from Python; a layer's
@@ -20,7 +25,8 @@ Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at t
 
 Per step: the pipeline runs m = GBS / (MBS DP) micro-batches through PP stages of L / PP layers (the first
 holds the LRPE layer, the last the logits: 6 tokens D V / TP FLOPs plus LOGIT_BYTES per logit for the fp32
-cross entropy), so it takes m x the slowest stage + (PP - 1) / VPP x the mean stage (1F1B's bubble, shrunk by
+cross entropy; each stage is timed with its own layers, so a hybrid's stages differ by their softmax layers), so it
+takes m x the slowest stage + (PP - 1) / VPP x the mean stage (1F1B's bubble, shrunk by
 the interleaved schedule), plus the point-to-point activation transfers of 1F1B (tokens x D / (TP if SP) bf16
 forward and backward per micro-batch; hidden by the interleaved schedule's overlap). The data-parallel
 gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed optimizer, (DP - 1) / DP of
@@ -48,7 +54,17 @@ from pathlib import Path
 
 from megatron_tnllm.configs import TNLConfig, get_preset
 from megatron_tnllm.flops import tnl_forward_flops_per_token
-from megatron_tnllm.planning.memory import GiB, Layout, OneLineParser, add_layout_arguments, layout_from_args, plan
+from megatron_tnllm.planning.memory import (
+    GiB,
+    Layout,
+    OneLineParser,
+    add_layout_arguments,
+    layer_parameters,
+    layout_from_args,
+    plan,
+    softmax_summary,
+    stage_layers,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the launchers of the repository (editable install)
 
@@ -63,6 +79,10 @@ GPUS_PER_NODE = 8
 GEMM_EFFICIENCY = 0.75  # of PEAK_FLOPS on the layer's products (large shapes; bench_layer.py measures them)
 ATTENTION_S_PER_ELEMENT = 1.80e-3 / (4 * 8192 * 32 * 128)  # lightning attention fwd+bwd per token x head dim
 LRPE_ATTENTION = 2.58  # Dk = 2 dh against dh, fwd+bwd (docs/benchmarks.md)
+# Model FLOP/s of causal softmax attention fwd+bwd through torch SDPA's flash kernel (3 x 2 s D per token;
+# calibrated: the same-shape GPT of docs/training.md §4, one H200, whose step time per token grows by 291 TFLOP/s
+# of attention FLOPs from 2k to 32k and by 277 from 2k to 8k)
+SOFTMAX_ATTENTION_FLOPS = 290e12
 ELEMENTWISE_S = 6e-12  # s per element per layer fwd+bwd (calibrated: tnl-1b, 2k, one H200)
 HOST_S = 3.2e-3  # host floor of a layer's fwd+bwd, TP = 1 (calibrated: tnl-385m, one H200)
 HOST_TP_S = 4.8e-3  # the same with tensor parallelism (calibrated: tnl-385m, TP = 2)
@@ -98,16 +118,35 @@ def _measured(layer_times: dict | None, cfg: TNLConfig, lay: Layout) -> dict | N
     return None
 
 
+def softmax_layer_flops(cfg: TNLConfig, seq: int) -> tuple[int, int]:
+    """Forward FLOPs per token of one softmax-attention layer (megatron_tnllm.flops): (its matrix products, the
+    causal score and value products over ``seq`` tokens)."""
+    D, H, G = cfg.hidden_size, cfg.num_heads, cfg.glu_size
+    products = tnl_forward_flops_per_token(1, D, H, G, 0, 0, num_softmax_layers=1, seq_length=0)
+    return products, tnl_forward_flops_per_token(1, D, H, G, 0, 0, num_softmax_layers=1, seq_length=seq) - products
+
+
 def layer_seconds(
-    cfg: TNLConfig, lay: Layout, lrpe: bool, layer_times: dict | None = None, cluster: Cluster = Cluster()
+    cfg: TNLConfig,
+    lay: Layout,
+    lrpe: bool,
+    layer_times: dict | None = None,
+    cluster: Cluster = Cluster(),
+    softmax: bool = False,
 ) -> dict[str, float]:
-    """Seconds of one layer's forward + backward for one micro-batch on one GPU, by part."""
+    """Seconds of one layer's forward + backward for one micro-batch on one GPU, by part: a TNL layer (with
+    ``lrpe`` one with LRPE) or, with ``softmax``, a softmax-attention layer."""
     D, G, tp = cfg.hidden_size, cfg.glu_size, lay.tp
     tokens = lay.mbs * lay.seq // lay.cp
     recompute = 4 / 3 if lay.recompute == "full" else 1.0
-    elements = tokens * (D / (tp if lay.sp else 1) + (4 * D + 3 * G) / tp)
-    measured = _measured(layer_times, cfg, lay)
-    if measured:
+    elements = tokens * (D / (tp if lay.sp else 1) + ((D if softmax else 4 * D) + 3 * G) / tp)
+    measured = None if softmax else _measured(layer_times, cfg, lay)
+    if softmax:
+        products, attention_flops = softmax_layer_flops(cfg, lay.seq)
+        gemm = 3 * products * tokens / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) * recompute
+        attention = 3 * attention_flops * tokens / tp / SOFTMAX_ATTENTION_FLOPS * recompute
+        rest = ELEMENTWISE_S * elements * recompute
+    elif measured:
         shape = measured["shape"]
         gemm = shape["products"]["total"]["ms"] * 1e-3 * recompute
         attention = shape["attention_lrpe_ms" if lrpe else "attention_ms"] * 1e-3 * recompute
@@ -140,12 +179,18 @@ def predict(
     layers = cfg.num_layers // pp
     plain = layer_seconds(cfg, lay, False, layer_times, cluster)
     lrpe = layer_seconds(cfg, lay, True, layer_times, cluster)
-    n_lrpe_first = sum(1 for i in cfg.lrpe_layers if i < layers)
-    first = (layers - n_lrpe_first) * plain["total"] + n_lrpe_first * lrpe["total"]
+    softmax = layer_seconds(cfg, lay, False, layer_times, cluster, softmax=True)
+    counts = []  # (LRPE, softmax) layers of each stage, all its model chunks
+    for r in range(pp):
+        mine = [i for chunk in stage_layers(cfg.num_layers, pp, lay.vpp, r) for i in chunk]
+        counts.append((sum(i in cfg.lrpe_layers for i in mine), sum(i in cfg.softmax_layers for i in mine)))
+    layer_s = [
+        (layers - n_lrpe - n_softmax) * plain["total"] + n_lrpe * lrpe["total"] + n_softmax * softmax["total"]
+        for n_lrpe, n_softmax in counts
+    ]
     logits = 6 * tokens * D * V / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) + LOGIT_BYTES * tokens * V / tp / HBM_BW
-    last = layers * plain["total"] + logits if pp > 1 else first + logits
-    middle = layers * plain["total"]
-    stages = [first, last] + [middle] * (pp - 2) if pp > 1 else [first + logits]
+    # first, last, then the middle stages (the order of the sums below)
+    stages = [layer_s[0], layer_s[-1] + logits, *layer_s[1:-1]] if pp > 1 else [layer_s[0] + logits]
     slowest, mean = max(stages), sum(stages) / len(stages)
     bubble = (pp - 1) / lay.vpp * mean
     p2p = 0.0
@@ -153,8 +198,11 @@ def predict(
         act = tokens * D * 2 / (tp if lay.sp else 1)
         p2p = m * 2 * act / _link(tp * cp * dp, pp, cluster)
     pipeline = m * slowest + bubble + p2p
-    # parameters of the busiest stage (the first: embedding and LRPE), per GPU
-    params = (layers * (5 * D * D + 3 * D * cfg.glu_size) + V * D) / tp
+    # parameters of the busiest stage (embedding and the fewest softmax layers), per GPU
+    n_softmax = min(n for _, n in counts)
+    params = (
+        (layers - n_softmax) * layer_parameters(cfg) + n_softmax * layer_parameters(cfg, softmax=True) + V * D
+    ) / tp
     shard = params / (dp * cp) if lay.distributed_optimizer else params
     link = _link(tp * cp, dp, cluster)
     ring = (dp - 1) / dp
@@ -175,11 +223,17 @@ def predict(
     step = pipeline + dp_exposed + optimizer + host
     gpus = tp * pp * dp * cp
     global_tokens = lay.mbs * lay.seq * m * dp
-    flops = (
-        3
-        * tnl_forward_flops_per_token(cfg.num_layers, D, cfg.num_heads, cfg.glu_size, V, len(cfg.lrpe_layers))
-        * global_tokens
+    per_token = tnl_forward_flops_per_token(
+        cfg.num_layers,
+        D,
+        cfg.num_heads,
+        cfg.glu_size,
+        V,
+        len(cfg.lrpe_layers),
+        num_softmax_layers=len(cfg.softmax_layers),
+        seq_length=lay.seq,
     )
+    flops = 3 * per_token * global_tokens
     per_gpu = flops / step / gpus
     return {
         "gpus": gpus,
@@ -198,6 +252,8 @@ def predict(
         "layer_s": plain["total"],
         "layer_gemm_s": plain["gemm"],
         "layer_tp_comm_s": plain["tp_comm"],
+        "softmax_layer_s": softmax["total"],
+        "softmax_attn_s": softmax["attention"],
         "logits_s": logits,
     }
 
@@ -289,7 +345,11 @@ def main(argv: list[str] | None = None, prog: str = "plan_step.py") -> int:
         f"{r['tflops_per_gpu']:.0f} TFLOP/s/GPU, MFU {r['mfu']:.1%} of 989 ({r['mfu_of_matmul_ceiling']:.1%} of 790), "
         f"{r['days_per_trillion_tokens']:.1f} days per 10^12 tokens"
     )
-    for key in ("pipeline_s", "bubble_s", "p2p_s", "dp_exposed_s", "optimizer_s", "layer_s", "layer_gemm_s",
-                "layer_tp_comm_s", "logits_s"):  # fmt: skip
+    keys = ["pipeline_s", "bubble_s", "p2p_s", "dp_exposed_s", "optimizer_s", "layer_s", "layer_gemm_s",
+            "layer_tp_comm_s", "logits_s"]  # fmt: skip
+    if cfg.softmax_layers:
+        print(f"  {softmax_summary(cfg)}")
+        keys[-1:-1] = ["softmax_layer_s", "softmax_attn_s"]
+    for key in keys:
         print(f"  {key:<16} {r[key] * 1e3:10.2f} ms")
     return 0

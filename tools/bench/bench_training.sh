@@ -2,18 +2,23 @@
 # Training throughput of tnl-1b against a GPT of the same shape (16 layers, width 2048, FFN 5632 SwiGLU, RoPE,
 # softmax attention through torch SDPA's flash kernel: tools/bench/gpt_sdpa_spec.py), both on Megatron-Core through
 # Megatron-LM's pretrain_gpt.py, one GPU, bf16, mock data, vocab 64000, at sequence lengths 2k, 8k, 32k, 64k;
-# and tnl-7b at its launcher's layout (TP=2 + sequence parallel, micro-batch 1 x 4096) on two GPUs.
+# the hybrid tnl-1b (softmax attention on layers 7 and 15) the same way; both with context parallelism over two
+# GPUs; and tnl-7b at its launcher's layout (TP=2 + sequence parallel, micro-batch 1 x 4096) on two GPUs.
 #
 #   MEGATRON_LM=third_party/Megatron-LM [GPU=0] [GPUS=0,1] [ITERS=8] [MODELS="tnl gpt"] [PORT=29500] \
-#       [PEAK_TFLOPS=989] tools/bench/bench_training.sh OUT_DIR [SEQ ...]
+#       [PEAK_TFLOPS=989] [EXTRA_ARGS="--cross-entropy-loss-fusion"] tools/bench/bench_training.sh OUT_DIR [SEQ ...]
 #
-# MODELS: any of tnl (tnl-1b on GPU), gpt (the GPT on GPU), tnl7b (tnl-7b, TP=2 + SP on GPUS, sequence 4096 whatever
-# the SEQ list). Each run: 64k tokens per step (tnl-1b/GPT micro-batch of min(16k, seq) tokens), ITERS steps;
-# OUT_DIR/<model>_<seq>.log. The 64k runs use full activation recompute for both models (without it neither fits
-# 141 GB at vocab 64000). At the end OUT_DIR/summary.md holds one row per run: median step time over the steps
-# after the third, tokens/s, model TFLOP/s per GPU (TNL: megatron_tnllm.flops, counted the same with or without
-# the FLOP patch; GPT: Megatron's own formula from its log) and MFU = TFLOP/s / PEAK_TFLOPS (default 989, the H200's
-# dense bf16 peak), peak memory.
+# MODELS: any of tnl (tnl-1b on GPU), gpt (the GPT on GPU), hybrid (tnl-1b-hybrid on GPU), tnlcp2 and hybridcp2
+# (tnl-1b and tnl-1b-hybrid with --context-parallel-size 2 on GPUS), tnl7b (tnl-7b, TP=2 + SP on GPUS, sequence
+# 4096 whatever the SEQ list). Each one-GPU run: 64k tokens per step (micro-batch of min(16k, seq) tokens); each CP=2
+# run: micro-batch 1, 64k tokens per GPU per step (128k per step, at least one sequence); ITERS steps;
+# OUT_DIR/<model>_<seq>.log. Runs with more than 32k tokens of a sequence per GPU (the one-GPU 64k runs, CP=2 above
+# 64k) use full activation recompute (without it the 64k runs do not fit 141 GB at vocab 64000). EXTRA_ARGS: more
+# pretrain_gpt.py flags for every run, only from --cross-entropy-loss-fusion and --cross-entropy-fusion-impl native.
+# At the end OUT_DIR/summary.md holds one row per run: median step time over the steps after the third, tokens/s,
+# model TFLOP/s per GPU (TNL and hybrids: megatron_tnllm.flops with the preset's softmax layers, counted the same
+# with or without the FLOP patch; GPT: Megatron's own formula from its log) and MFU = TFLOP/s / PEAK_TFLOPS
+# (default 989, the H200's dense bf16 peak), peak memory.
 #
 # Every variable and argument is a value: each is checked (integers, GPU lists, model names) before any arithmetic
 # or command line uses it, and reaches Python only as an argument.
@@ -29,6 +34,7 @@ for s in "${seqs[@]}"; do is_int "$s" 1 || die "$(printf 'SEQ %q' "$s"): expecte
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 [[ -f $MEGATRON_LM/pretrain_gpt.py ]] || die "no pretrain_gpt.py in MEGATRON_LM=$MEGATRON_LM"
 GPU=${GPU:-0} GPUS=${GPUS:-0,1} ITERS=${ITERS:-8} PORT=${PORT:-29500} MODELS=${MODELS:-tnl gpt} PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+EXTRA_ARGS=${EXTRA_ARGS:-}
 [[ $GPU =~ ^[0-9]{1,3}$ ]] || die "$(printf 'GPU=%q' "$GPU"): expected one GPU index"
 [[ $GPUS =~ ^[0-9]{1,3},[0-9]{1,3}$ ]] || die "$(printf 'GPUS=%q' "$GPUS"): expected two GPU indices such as 0,1"
 is_int "$ITERS" 4 || die "$(printf 'ITERS=%q' "$ITERS"): expected an integer >= 4 (the first 3 steps are warm-up)"
@@ -36,7 +42,26 @@ is_int "$PORT" 1 && (( 10#$PORT <= 65535 )) || die "$(printf 'PORT=%q' "$PORT"):
 [[ $PEAK_TFLOPS =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$(printf 'PEAK_TFLOPS=%q' "$PEAK_TFLOPS"): expected a number"
 read -r -a models <<< "$MODELS"
 for m in "${models[@]}"; do
-    [[ $m == tnl || $m == gpt || $m == tnl7b ]] || die "$(printf 'MODELS entry %q' "$m"): expected tnl, gpt or tnl7b"
+    [[ $m =~ ^(tnl|gpt|hybrid|tnlcp2|hybridcp2|tnl7b)$ ]] \
+        || die "$(printf 'MODELS entry %q' "$m"): expected tnl, gpt, hybrid, tnlcp2, hybridcp2 or tnl7b"
+done
+if [[ " ${models[*]} " == *cp2\ * ]]; then  # Megatron splits a sequence into 2 x CP zig-zag chunks
+    for s in "${seqs[@]}"; do
+        (( 10#$s % 4 == 0 )) || die "SEQ $s: expected a multiple of 4 for tnlcp2 / hybridcp2 (2 x CP=2 chunks)"
+    done
+fi
+[[ $EXTRA_ARGS != *$'\n'* ]] || die "$(printf 'EXTRA_ARGS=%q' "$EXTRA_ARGS"): expected flags on one line"
+read -r -a user_args <<< "$EXTRA_ARGS"
+for ((i = 0; i < ${#user_args[@]}; i++)); do
+    case ${user_args[i]} in
+        --cross-entropy-loss-fusion) ;;
+        --cross-entropy-fusion-impl)
+            [[ ${user_args[i + 1]:-} == native ]] \
+                || die "$(printf 'EXTRA_ARGS %q' "$EXTRA_ARGS"): --cross-entropy-fusion-impl takes native"
+            i=$((i + 1)) ;;
+        *) die "$(printf 'EXTRA_ARGS entry %q' "${user_args[i]}"): expected --cross-entropy-loss-fusion" \
+               "or --cross-entropy-fusion-impl native" ;;
+    esac
 done
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -50,8 +75,10 @@ shape=(--num-layers 16 --hidden-size 2048 --num-attention-heads 16 --kv-channels
 preset_args() { "$PYTHON" -c 'import sys; from megatron_tnllm.configs import get_preset; print(" ".join(get_preset(sys.argv[1]).to_megatron_args()))' "$1"; }
 read -r -a tnl <<< "$(preset_args tnl-1b)"
 read -r -a tnl7b <<< "$(preset_args tnl-7b)"
+read -r -a hybrid <<< "$(preset_args tnl-1b-hybrid)"
 gpt=("${shape[@]}" --swiglu --position-embedding-type rope --no-rope-fusion --no-persist-layer-norm --spec gpt_sdpa_spec gpt_sdpa_layer)
 runs=()  # model preset seq gbs gpus log, six words per run, for the summary
+recompute=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 
 # run MODEL PRESET SEQ MBS GBS DEVICES NPROC EXTRA...: one pretrain_gpt.py run, its log and a one-line summary
 run() {
@@ -62,6 +89,9 @@ run() {
         tnl) margs=("${tnl[@]}") ;;
         gpt) margs=("${gpt[@]}") ;;
         tnl7b) margs=("${tnl7b[@]}" --tensor-model-parallel-size 2 --sequence-parallel) ;;
+        hybrid) margs=("${hybrid[@]}") ;;
+        tnlcp2) margs=("${tnl[@]}" --context-parallel-size 2) ;;
+        hybridcp2) margs=("${hybrid[@]}" --context-parallel-size 2) ;;
     esac
     echo "== $model seq $seq: micro-batch $mbs, global batch $gbs, GPUs $devices $*"
     CUDA_VISIBLE_DEVICES=$devices PYTHONPATH="$here:${PYTHONPATH:-}" CUDA_DEVICE_MAX_CONNECTIONS=1 \
@@ -70,7 +100,7 @@ run() {
         --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "$ITERS" \
         --bf16 --no-gradient-accumulation-fusion --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant \
         --mock-data --tokenizer-type NullTokenizer --vocab-size 64000 --split 100,0,0 --eval-iters 0 --eval-interval 1000 \
-        --log-interval 1 --log-throughput --use-distributed-optimizer "$@" > "$log" 2>&1
+        --log-interval 1 --log-throughput --use-distributed-optimizer "${user_args[@]}" "$@" > "$log" 2>&1
     echo "   exit $?"
     runs+=("$model" "$preset" "$seq" "$gbs" "$nproc" "$log")
 }
@@ -80,9 +110,17 @@ for seq in "${seqs[@]}"; do
     mbs=$(( seq >= 16384 ? 1 : 16384 / seq ))
     gbs=$(( 65536 / seq > mbs ? 65536 / seq : mbs ))
     extra=()
-    (( seq > 32768 )) && extra=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
+    (( seq > 32768 )) && extra=("${recompute[@]}")
+    cp_gbs=$(( 131072 / seq > 1 ? 131072 / seq : 1 ))  # micro-batch 1: 64k tokens per GPU over CP=2
+    cp_extra=()
+    (( seq > 65536 )) && cp_extra=("${recompute[@]}")
     for model in "${models[@]}"; do
-        [[ $model == tnl7b ]] || run "$model" tnl-1b "$seq" "$mbs" "$gbs" "$GPU" 1 "${extra[@]}"
+        case $model in
+            tnl|gpt) run "$model" tnl-1b "$seq" "$mbs" "$gbs" "$GPU" 1 "${extra[@]}" ;;
+            hybrid) run hybrid tnl-1b-hybrid "$seq" "$mbs" "$gbs" "$GPU" 1 "${extra[@]}" ;;
+            tnlcp2) run tnlcp2 tnl-1b "$seq" 1 "$cp_gbs" "$GPUS" 2 "${cp_extra[@]}" ;;
+            hybridcp2) run hybridcp2 tnl-1b-hybrid "$seq" 1 "$cp_gbs" "$GPUS" 2 "${cp_extra[@]}" ;;
+        esac
     done
 done
 for model in "${models[@]}"; do
@@ -107,10 +145,11 @@ for i in range(0, len(rest), 6):
         rows.append(f"| {model} | {seq} | {gpus} | failed: see {log} | | | | |")
         continue
     tokens, seconds = int(gbs) * int(seq), s["median_ms"] / 1e3
-    if model.startswith("tnl"):
+    if model != "gpt":  # TNL and the hybrids (their softmax layers' scores and values grow with seq)
         p = get_preset(preset)
         flops = 3 * tokens * tnl_forward_flops_per_token(
-            p.num_layers, p.hidden_size, p.num_heads, p.glu_size, 64000, len(p.lrpe_layers)
+            p.num_layers, p.hidden_size, p.num_heads, p.glu_size, 64000, len(p.lrpe_layers),
+            num_softmax_layers=len(p.softmax_layers), seq_length=int(seq),
         )
         tflops = flops / seconds / int(gpus) / 1e12
     else:
