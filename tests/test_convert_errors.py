@@ -247,17 +247,22 @@ def test_invalid_safetensors_header_names_the_file(checkpoints, tmp_path, header
     _assert_fails(hf_to_megatron, hf, tmp_path / "out", f"{shard.name} {match}")
 
 
-def test_hybrid_checkpoints_are_refused_in_one_line(tmp_path):
-    """Hybrids' softmax layers have no mapping yet: refused by name both ways, never converted as TNL."""
+def test_hybrid_layouts_that_no_spec_builds_are_refused_in_one_line(tmp_path):
+    """Softmax layers that no --spec NAME builds (pretrain_gpt.py could not resume them), and a checkpoint whose
+    softmax tensors disagree with its --spec, are refused by name."""
     config = tiny_model().config
-    config.linear_use_lrpe_list = [1] + [0] * (config.decoder_layers - 1)
-    config.softmax_attention_layers = [1]
+    config.softmax_attention_layers = [1]  # tnl-tiny's hybrid spec has them on [1, 3]
     torch.manual_seed(0)
     TransnormerForCausalLM(config).save_pretrained(tmp_path / "hybrid")
-    _assert_fails(hf_to_megatron, tmp_path / "hybrid", tmp_path / "out", r"softmax_attention_layers=\[1\].*hybrid")
+    _assert_fails(
+        hf_to_megatron, tmp_path / "hybrid", tmp_path / "out",
+        r"no spec of megatron_tnllm.specs builds softmax attention on layers \[1\] of this 4-layer model "
+        r"\(LRPE on layers \[0\]\); expected softmax_attention_layers \[1, 3\]$",
+    )  # fmt: skip
     args = SimpleNamespace(
         spec=["megatron_tnllm.specs", "tnl_tiny_hybrid"], num_layers=4, hidden_size=TINY.hidden_size,
         num_attention_heads=TINY.num_heads, ffn_hidden_size=TINY.glu_size, layernorm_epsilon=1e-6, seq_length=64,
     )  # fmt: skip
-    with pytest.raises(ConversionError, match=r"tnl_tiny_hybrid is a hybrid \(softmax attention on layers \[1, 3\]\)"):
-        tnl_from_args(args, tmp_path, (0,), 1000, True)
+    mismatch = r"tnl_tiny_hybrid builds softmax attention on layers \[1, 3\], but .* on layers \[3\]; expected the same"
+    with pytest.raises(ConversionError, match=mismatch):
+        tnl_from_args(args, tmp_path, (0,), 1000, True, softmax_layers=(3,))

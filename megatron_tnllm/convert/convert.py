@@ -172,7 +172,7 @@ def hf_to_megatron(
         parts = []
         with _progress(tnl.num_layers + 1, "hf -> megatron", progress) as bar:
             for group in range(tnl.num_layers + 1):
-                objects = dict.fromkeys(megatron_group_objects(group))
+                objects = dict.fromkeys(megatron_group_objects(tnl, group))
                 if group == 0:
                     objects[common_state_key()] = common
                 # One DCP part per set of HF tensors: memory holds one fused tensor, not a layer.

@@ -1,5 +1,6 @@
 """Hugging Face checkpoint directories: a lazy reader (safetensors or PyTorch .bin, sharded or not) and a
-streaming safetensors writer. Neither ever holds more than one tensor (a fused one: qkvu, or [l1; l2]) at a time."""
+streaming safetensors writer. Neither ever holds more than one tensor (a fused one: qkvu, qkv, or [l1; l2]) at a
+time."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ IGNORED_TENSORS = ("lm_head.weight", "decoder.version")
 
 
 def _describe(tnl: TNLConfig) -> str:
+    hybrid = f", softmax_attention_layers={list(tnl.softmax_layers)}" if tnl.softmax_layers else ""
     return (
         f"decoder_layers={tnl.num_layers}, decoder_embed_dim={tnl.hidden_size}, "
-        f"decoder_attention_heads={tnl.num_heads}, glu_dim={tnl.glu_size}, vocab_size={tnl.vocab_size}"
+        f"decoder_attention_heads={tnl.num_heads}, glu_dim={tnl.glu_size}, vocab_size={tnl.vocab_size}{hybrid}"
     )
 
 

@@ -11,6 +11,16 @@ maps it to and from Megatron's torch_dist keys (global tensors, TP-invariant) an
     decoder.layers.{i}.mlp.linear_fc1.weight                                 [2G, D] = [l1; l2]
     decoder.layers.{i}.mlp.linear_fc2.weight                                 [D, G] = l3
     embedding.word_embeddings.weight                                         [V_padded, D] (output layer tied)
+
+On the softmax-attention layers of a hybrid (``TNLConfig.softmax_layers``, HF ``softmax_attention_layers``) the
+token mixer is HF ``token_mixer.qkv_proj`` [3D, D] = [q; k; v] (heads in order inside each block) and
+``token_mixer.out_proj``; Megatron's :class:`~megatron_tnllm.layers.softmax_attention.SoftmaxAttention` saves
+
+    decoder.layers.{i}.self_attention.qkv_proj.weight.{query,key,value}      [D, D] each = HF qkv row blocks
+    decoder.layers.{i}.self_attention.out_proj.weight                        [D, D]
+
+Per rank (legacy format) both fused projections hold their sections rank by rank: qkvu [q_r; k_r; v_r; u_r],
+qkv [q_r; k_r; v_r] (rank r's heads of each section), so merging takes each section's rank blocks in order.
 """
 
 from __future__ import annotations
@@ -20,27 +30,32 @@ import torch
 from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.convert.errors import ConversionError
 from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig, check_config
+from megatron_tnllm.hf.modeling_transnormer import check_hybrid_config, softmax_layers
 from megatron_tnllm.spec_table import spec_for
 
 HF_EMBEDDING = "model.embed_tokens.weight"
 MEGATRON_EMBEDDING = "embedding.word_embeddings.weight"
 QKVU_SECTIONS = ("query", "key", "value", "gate")
+QKV_SECTIONS = ("query", "key", "value")
+# The sections of each fused token-mixer projection, by its name in Megatron (HF: token_mixer.NAME.weight).
+FUSED_SECTIONS = {"qkvu_proj": QKVU_SECTIONS, "qkv_proj": QKV_SECTIONS}
 # Megatron's linear layers each save an (empty) `_extra_state` object that its loader asks for.
-MEGATRON_LINEARS = ("self_attention.qkvu_proj", "self_attention.out_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+MEGATRON_LINEARS = ("self_attention.out_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 def tnl_from_hf_config(config: TransnormerConfig, seq_length: int = 2048) -> TNLConfig:
     """The TNLConfig of an HF config (ConversionError if the config is not a TNL the model code defines)."""
+    softmax = softmax_layers(config)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in softmax) or len(set(softmax)) < len(softmax):
+        raise ConversionError(
+            f"config softmax_attention_layers={config.softmax_attention_layers!r}; expected a list of distinct "
+            "0-based layer indices"
+        )
     try:
         check_config(config)
+        check_hybrid_config(config)
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    softmax = getattr(config, "softmax_attention_layers", None)
-    if softmax:
-        raise ConversionError(
-            f"config softmax_attention_layers={list(softmax)}: the converter maps TNL layers only; "
-            "hybrid checkpoints are not supported yet"
-        )
     glu = config.decoder_embed_dim if config.glu_dim == -1 else config.glu_dim
     tnl = TNLConfig(
         name="custom",
@@ -51,6 +66,7 @@ def tnl_from_hf_config(config: TransnormerConfig, seq_length: int = 2048) -> TNL
         vocab_size=config.vocab_size,
         scale_embedding=not config.no_scale_embedding,
         lrpe_layers=tuple(i for i, flag in enumerate(config.linear_use_lrpe_list) if flag),
+        softmax_layers=tuple(sorted(softmax)),
         seq_length=seq_length,
     )
     preset = matching_preset(tnl)
@@ -58,7 +74,9 @@ def tnl_from_hf_config(config: TransnormerConfig, seq_length: int = 2048) -> TNL
 
 
 def hf_config_from_tnl(tnl: TNLConfig, **token_ids) -> TransnormerConfig:
-    """The HF config of a TNLConfig; ``token_ids`` may set pad/bos/eos_token_id (default 0, 1, 2)."""
+    """The HF config of a TNLConfig; ``token_ids`` may set pad/bos/eos_token_id (default 0, 1, 2). A hybrid's config
+    names its softmax layers (``softmax_attention_layers``); a TNL's has no such key, like the released ones."""
+    hybrid = {"softmax_attention_layers": list(tnl.softmax_layers)} if tnl.softmax_layers else {}
     return TransnormerConfig(
         vocab_size=tnl.vocab_size,
         decoder_embed_dim=tnl.hidden_size,
@@ -69,12 +87,13 @@ def hf_config_from_tnl(tnl: TNLConfig, **token_ids) -> TransnormerConfig:
         no_scale_embedding=not tnl.scale_embedding,
         linear_use_lrpe_list=[int(i in tnl.lrpe_layers) for i in range(tnl.num_layers)],
         linear_act_fun="swish",
+        **hybrid,
         **token_ids,
     )
 
 
 def matching_preset(tnl: TNLConfig) -> TNLConfig | None:
-    """The preset with this shape, LRPE layers and embedding scale (any vocabulary), if there is one."""
+    """The preset with this shape, LRPE layers, softmax layers and embedding scale (any vocabulary), if any."""
     spec = spec_for(tnl)
     return None if spec is None else spec.preset
 
@@ -86,7 +105,8 @@ def hf_group_shapes(tnl: TNLConfig, group: int) -> dict[str, tuple[int, ...]]:
         return {HF_EMBEDDING: (tnl.vocab_size, D)}
     i = group - 1
     p = f"model.layers.{i}."
-    shapes = {f"{p}token_mixer.qkvu_proj.weight": (4 * D, D)}
+    fused = _fused(tnl, i)
+    shapes = {f"{p}token_mixer.{fused}.weight": (len(FUSED_SECTIONS[fused]) * D, D)}
     if i in tnl.lrpe_layers:
         shapes[f"{p}token_mixer.lrpe.theta"] = (H, 1, tnl.head_dim)
     shapes[f"{p}token_mixer.out_proj.weight"] = (D, D)
@@ -101,7 +121,8 @@ def megatron_group_shapes(tnl: TNLConfig, group: int, padded_vocab: int) -> dict
     if group == 0:
         return {MEGATRON_EMBEDDING: (padded_vocab, D)}
     p = f"decoder.layers.{group - 1}."
-    shapes = {f"{p}self_attention.qkvu_proj.weight.{s}": (D, D) for s in QKVU_SECTIONS}
+    fused = _fused(tnl, group - 1)
+    shapes = {f"{p}self_attention.{fused}.weight.{s}": (D, D) for s in FUSED_SECTIONS[fused]}
     if group - 1 in tnl.lrpe_layers:
         shapes[f"{p}self_attention.lrpe_theta"] = (H, 1, tnl.head_dim)
     shapes[f"{p}self_attention.out_proj.weight"] = (D, D)
@@ -110,11 +131,23 @@ def megatron_group_shapes(tnl: TNLConfig, group: int, padded_vocab: int) -> dict
     return shapes
 
 
-def megatron_group_objects(group: int) -> list[str]:
+def megatron_group_objects(tnl: TNLConfig, group: int) -> list[str]:
     """Keys of the ShardedObjects (empty ``_extra_state``) Megatron saves with group ``group``."""
     if group == 0:
         return []
-    return [f"decoder.layers.{group - 1}.{linear}._extra_state/shard_0_1" for linear in MEGATRON_LINEARS]
+    linears = (f"self_attention.{_fused(tnl, group - 1)}", *MEGATRON_LINEARS)
+    return [f"decoder.layers.{group - 1}.{linear}._extra_state/shard_0_1" for linear in linears]
+
+
+def _fused(tnl: TNLConfig, layer: int) -> str:
+    """The fused input projection of layer ``layer``'s token mixer: qkv_proj on softmax layers, else qkvu_proj."""
+    return "qkv_proj" if layer in tnl.softmax_layers else "qkvu_proj"
+
+
+def _fused_of(name: str, module: str) -> str | None:
+    """ "qkvu_proj" / "qkv_proj" when ``name`` ends with ``{module}.{that}.weight`` (HF module: token_mixer,
+    Megatron: self_attention), else None."""
+    return next((fused for fused in FUSED_SECTIONS if name.endswith(f"{module}.{fused}.weight")), None)
 
 
 # HF -> Megatron names (within a layer) of the tensors that are not fused.
@@ -134,7 +167,7 @@ def hf_tensor_sets(tnl: TNLConfig, group: int) -> list[list[str]]:
 
 def to_megatron(group: int, tensors: dict[str, torch.Tensor], padded_vocab: int) -> dict[str, torch.Tensor]:
     """HF tensors of a group, or of some of its :func:`hf_tensor_sets` -> Megatron torch_dist tensors (embedding
-    rows zero-padded to ``padded_vocab``). The qkvu sections are views (DCP saves each section's own bytes)."""
+    rows zero-padded to ``padded_vocab``). The qkvu / qkv sections are views (DCP saves each section's own bytes)."""
     if group == 0:
         emb = tensors[HF_EMBEDDING]
         pad = emb.new_zeros(padded_vocab - emb.shape[0], emb.shape[1])
@@ -143,9 +176,10 @@ def to_megatron(group: int, tensors: dict[str, torch.Tensor], padded_vocab: int)
     out = {}
     for name, tensor in tensors.items():
         local = name.removeprefix(hf)
-        if local == "token_mixer.qkvu_proj.weight":
-            for section, block in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True):
-                out[f"{mg}self_attention.qkvu_proj.weight.{section}"] = block
+        if fused := _fused_of(local, "token_mixer"):
+            sections = FUSED_SECTIONS[fused]
+            for section, block in zip(sections, tensor.chunk(len(sections)), strict=True):
+                out[f"{mg}self_attention.{fused}.weight.{section}"] = block
         elif local == "channel_mixer.l1.weight":
             out[f"{mg}mlp.linear_fc1.weight"] = torch.cat([tensor, tensors[f"{hf}channel_mixer.l2.weight"]])
         elif local != "channel_mixer.l2.weight":
@@ -161,8 +195,8 @@ def megatron_keys(group: int, hf_names: list[str]) -> list[str]:
     keys = []
     for name in hf_names:
         local = name.removeprefix(hf)
-        if local == "token_mixer.qkvu_proj.weight":
-            keys += [f"{mg}self_attention.qkvu_proj.weight.{s}" for s in QKVU_SECTIONS]
+        if fused := _fused_of(local, "token_mixer"):
+            keys += [f"{mg}self_attention.{fused}.weight.{s}" for s in FUSED_SECTIONS[fused]]
         elif local in ("channel_mixer.l1.weight", "channel_mixer.l2.weight"):
             keys += [] if f"{mg}mlp.linear_fc1.weight" in keys else [f"{mg}mlp.linear_fc1.weight"]
         else:
@@ -174,17 +208,18 @@ def from_megatron(
     group: int, tensors: dict[str, torch.Tensor], vocab_size: int
 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """Megatron torch_dist tensors of a group (or of some HF tensors' :func:`megatron_keys`) -> HF tensors (embedding
-    padding rows dropped). The HF qkvu is the list of its four sections, in order (``SafetensorsWriter.write``
-    writes them in sequence); l1 and l2 are views of fc1."""
+    padding rows dropped). The HF qkvu (qkv) is the list of its four (three) sections, in order
+    (``SafetensorsWriter.write`` writes them in sequence); l1 and l2 are views of fc1."""
     if group == 0:
         return {HF_EMBEDDING: tensors[MEGATRON_EMBEDDING][:vocab_size]}
     hf, mg = f"model.layers.{group - 1}.", f"decoder.layers.{group - 1}."
     out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     for key, tensor in tensors.items():
         local = key.removeprefix(mg)
-        if local.startswith("self_attention.qkvu_proj.weight."):
+        if fused := _fused_of(local.rsplit(".", 1)[0], "self_attention"):  # a section: ...weight.{query,...}
             if local.endswith(".query"):
-                out[f"{hf}token_mixer.qkvu_proj.weight"] = [tensors[f"{key[:-6]}.{s}"] for s in QKVU_SECTIONS]
+                sections = FUSED_SECTIONS[fused]
+                out[f"{hf}token_mixer.{fused}.weight"] = [tensors[f"{key[:-6]}.{s}"] for s in sections]
         elif local == "mlp.linear_fc1.weight":
             out[f"{hf}channel_mixer.l1.weight"], out[f"{hf}channel_mixer.l2.weight"] = tensor.chunk(2)
         else:
@@ -195,10 +230,12 @@ def from_megatron(
 def merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Megatron per-rank tensors (legacy ``torch`` format, local names) -> the global tensor of torch_dist.
 
-    Column-parallel fused weights hold per-rank sections: qkvu is [q_r; k_r; v_r; u_r], fc1 is [l1_r; l2_r].
+    Column-parallel fused weights hold per-rank sections: qkvu is [q_r; k_r; v_r; u_r], qkv (softmax layers)
+    [q_r; k_r; v_r], fc1 is [l1_r; l2_r].
     """
-    if name.endswith("qkvu_proj.weight") or name.endswith("linear_fc1.weight"):
-        sections = 4 if name.endswith("qkvu_proj.weight") else 2
+    fused = _fused_of(name, "self_attention")
+    if fused or name.endswith("linear_fc1.weight"):
+        sections = len(FUSED_SECTIONS[fused]) if fused else 2
         per_rank = [s.view(sections, -1, s.shape[-1]) for s in shards]
         return torch.cat(per_rank, dim=1).reshape(-1, shards[0].shape[-1])
     if name.endswith("out_proj.weight") or name.endswith("linear_fc2.weight"):
@@ -209,7 +246,8 @@ def merge_tensor_parallel(name: str, shards: list[torch.Tensor]) -> torch.Tensor
 
 
 def split_torch_dist(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A merged legacy tensor under its local name -> its torch_dist key(s) (qkvu becomes four sections)."""
-    if key.endswith("qkvu_proj.weight"):
-        return {f"{key}.{s}": t for s, t in zip(QKVU_SECTIONS, tensor.chunk(4), strict=True)}
+    """A merged legacy tensor under its local name -> its torch_dist key(s) (qkvu / qkv become their sections)."""
+    if fused := _fused_of(key, "self_attention"):
+        sections = FUSED_SECTIONS[fused]
+        return {f"{key}.{s}": t for s, t in zip(sections, tensor.chunk(len(sections)), strict=True)}
     return {key: tensor}

@@ -43,7 +43,7 @@ from megatron_tnllm.convert.layout import (
     split_torch_dist,
 )
 from megatron_tnllm.convert.safe_load import SafeFileSystemReader, read_common_state, read_dcp_metadata, safe_torch_load
-from megatron_tnllm.spec_table import spec_for, spec_of_args
+from megatron_tnllm.spec_table import SPECS, spec_for, spec_of_args
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -195,6 +195,7 @@ def resolve_model(
     where: Path,
     layer_count: int,
     lrpe_layers: tuple[int, ...],
+    softmax_layers: tuple[int, ...],
     padded_vocab: int,
     vocab_size: int | None = None,
     tokenizer_model: Path | None = None,
@@ -231,23 +232,33 @@ def resolve_model(
         )
     tokenizer_model = _find_tokenizer(args, tokenizer_model, [p for p in (root, where) if p is not None])
     vocab_size = _true_vocab_size(args, where, padded_vocab, vocab_size, tokenizer_model)
-    tnl = tnl_from_args(args, where, lrpe_layers, vocab_size, scale_embedding)
+    tnl = tnl_from_args(args, where, lrpe_layers, vocab_size, scale_embedding, softmax_layers)
     saved_vocab = min(getattr(args, "vocab_size", None) or vocab_size, padded_vocab)
     saved_scale = scale_embedding if saved_scale is None else saved_scale
-    saved = tnl_from_args(args, where, lrpe_layers, saved_vocab, saved_scale)
+    saved = tnl_from_args(args, where, lrpe_layers, saved_vocab, saved_scale, softmax_layers)
     return tnl, tokenizer_model, saved
 
 
 def tnl_from_args(
-    args: argparse.Namespace, where: Path, lrpe_layers: tuple[int, ...], vocab_size: int, scale_embedding: bool
+    args: argparse.Namespace,
+    where: Path,
+    lrpe_layers: tuple[int, ...],
+    vocab_size: int,
+    scale_embedding: bool,
+    softmax_layers: tuple[int, ...] = (),
 ) -> TNLConfig:
     """The TNLConfig that Megatron args describe (shape, norm epsilon, sequence length) with the given vocabulary,
-    LRPE layers and embedding scale, which the args do not hold."""
+    LRPE layers and embedding scale, which the args do not hold.
+
+    ``softmax_layers`` are the layers whose tensors are a softmax attention's; a ``--spec`` of this package
+    must build softmax attention on exactly those (a checkpoint whose tensors and spec disagree is refused).
+    """
     info = spec_of_args(getattr(args, "spec", None))
-    if info is not None and info.softmax_layers_of(args.num_layers):
+    if info is not None and info.softmax_layers_of(args.num_layers) != tuple(softmax_layers):
         raise ConversionError(
-            f"{where}: --spec {' '.join(args.spec)} is a hybrid (softmax attention on layers "
-            f"{list(info.softmax_layers_of(args.num_layers))}); the converter maps TNL layers only"
+            f"{where}: --spec {' '.join(args.spec)} builds softmax attention on layers "
+            f"{list(info.softmax_layers_of(args.num_layers))}, but the checkpoint holds softmax-attention tensors "
+            f"(self_attention.qkv_proj) on layers {list(softmax_layers)}; expected the same layers"
         )
     tnl = TNLConfig(
         name="custom",
@@ -258,6 +269,7 @@ def tnl_from_args(
         vocab_size=vocab_size,
         scale_embedding=scale_embedding,
         lrpe_layers=lrpe_layers,
+        softmax_layers=tuple(softmax_layers),
         norm_eps=args.layernorm_epsilon,
         seq_length=getattr(args, "seq_length", None) or 2048,
     )
@@ -279,7 +291,8 @@ def saved_model(directory: Path) -> tuple[TNLConfig, int]:
     scale = _spec_scale(getattr(args, "spec", None))
     if args is None or scale is None:
         raise ConversionError(f"{directory}: its args do not name a megatron_tnllm spec; cannot rebuild the model")
-    return tnl_from_args(args, directory, _lrpe_layers(stored), args.vocab_size or padded, scale), padded
+    vocab = args.vocab_size or padded
+    return tnl_from_args(args, directory, _lrpe_layers(stored), vocab, scale, _softmax_layers(stored)), padded
 
 
 def _check_shapes(tnl: TNLConfig, padded_vocab: int, stored: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -297,6 +310,8 @@ def _check_shapes(tnl: TNLConfig, padded_vocab: int, stored: dict[str, tuple[int
 
 
 def _require_tnl(keys, probe: str, where: Path) -> None:
+    """A TNL checkpoint has the embedding and ``probe`` (layer 0's token-mixer projection; layer 0 is never a
+    softmax layer, since every spec puts LRPE there)."""
     if probe not in keys or not any(k.startswith(MEGATRON_EMBEDDING) for k in keys):
         sample = ", ".join(sorted(k for k in keys if k.startswith("decoder.layers.0."))[:3]) or ", ".join(
             sorted(keys)[:3]
@@ -306,6 +321,12 @@ def _require_tnl(keys, probe: str, where: Path) -> None:
 
 def _lrpe_layers(keys) -> tuple[int, ...]:
     return tuple(sorted(int(_LAYER_KEY.match(k).group(1)) for k in keys if k.endswith("self_attention.lrpe_theta")))
+
+
+def _softmax_layers(keys) -> tuple[int, ...]:
+    """Layers holding a softmax attention's qkv_proj (torch_dist: its sections; legacy: the per-rank tensor)."""
+    found = {int(m.group(1)) for k in keys if ".self_attention.qkv_proj.weight" in k and (m := _LAYER_KEY.match(k))}
+    return tuple(sorted(found))
 
 
 def _shift_layer(key: str, offset: int) -> str:
@@ -335,7 +356,13 @@ class MegatronDistCheckpoint:
         args = read_common_state(self.path, metadata).get("args")
         self.padded_vocab = stored[MEGATRON_EMBEDDING][0]
         self.tnl, self.tokenizer_model, self.saved_tnl = resolve_model(
-            args, self.path, _layer_count(stored), _lrpe_layers(stored), self.padded_vocab, **model_options
+            args,
+            self.path,
+            _layer_count(stored),
+            _lrpe_layers(stored),
+            _softmax_layers(stored),
+            self.padded_vocab,
+            **model_options,
         )
         _check_shapes(self.tnl, self.padded_vocab, stored, self.path)
         self.dtype = self.dtypes[MEGATRON_EMBEDDING]
@@ -428,7 +455,13 @@ class MegatronLegacyCheckpoint:
         _require_tnl(local_shapes, "decoder.layers.0.self_attention.qkvu_proj.weight", self.path)
         self.padded_vocab = local_shapes[MEGATRON_EMBEDDING][0] * self.tp
         self.tnl, self.tokenizer_model, self.saved_tnl = resolve_model(
-            first.get("args"), self.path, total, _lrpe_layers(local_shapes), self.padded_vocab, **model_options
+            first.get("args"),
+            self.path,
+            total,
+            _lrpe_layers(local_shapes),
+            _softmax_layers(local_shapes),
+            self.padded_vocab,
+            **model_options,
         )
         _check_shapes(self.tnl, self.padded_vocab, self._global_shapes(local_shapes), self.path)
         self.dtype = dtypes[MEGATRON_EMBEDDING]
@@ -545,6 +578,18 @@ def megatron_args(
 
     argv = tnl.to_megatron_args()
     spec = spec_for(tnl)
+    if spec is None and tnl.softmax_layers:
+        # The placements a spec builds for this model (shape, LRPE layers, embedding scale): the table's only.
+        layouts = [s.softmax_layers_of(tnl.num_layers) for s in SPECS.values()]
+        fitting = [
+            x for x in dict.fromkeys(layouts) if x and max(x) < tnl.num_layers and not set(x) & set(tnl.lrpe_layers)
+        ]
+        placements = [list(x) for x in fitting if spec_for(tnl.replace(softmax_layers=x))]
+        raise ConversionError(
+            f"no spec of megatron_tnllm.specs builds softmax attention on layers {list(tnl.softmax_layers)} of this "
+            f"{tnl.num_layers}-layer model (LRPE on layers {list(tnl.lrpe_layers)}); expected softmax_attention_layers "
+            + (" or ".join(map(str, placements)) if placements else "of a hybrid spec (none builds this model)")
+        )
     if spec is None:
         raise ConversionError(
             f"no spec of megatron_tnllm.specs builds LRPE on layers {list(tnl.lrpe_layers)} "

@@ -1,8 +1,9 @@
 """``--verify``: the Hugging Face and the Megatron model on the same tokens; fails above a tolerance per dtype.
 
 Both models are loaded whole, in fp32, on the CPU (an opt-in check). The Megatron side is the TNL ``GPTModel``
-at TP = PP = 1 in a one-process gloo group, filled by Megatron's own torch_dist loader (which reshards any
-saved layout), so the check does not go through the converter's reader.
+(a hybrid with softmax attention on the same layers when the checkpoint is one) at TP = PP = 1 in a one-process
+gloo group, filled by Megatron's own torch_dist loader (which reshards any saved layout), so the check does not
+go through the converter's reader.
 """
 
 from __future__ import annotations
