@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from tests.testing import alibi, rel_err
 
@@ -33,11 +34,16 @@ if INTERPRET or CUDA:
     from megatron_tnllm.ops import backend, lightning_attention, lightning_attention_step, srmsnorm
     from megatron_tnllm.ops.lightning_attn import chunk as chunk_mod
     from megatron_tnllm.ops.lightning_attn.naive import lightning_attention_chunked, lightning_attention_quadratic
-    from megatron_tnllm.ops.srmsnorm import norm_gate_rstd, srmsnorm_gate
+    from megatron_tnllm.ops.srmsnorm import norm_gate_rstd, srmsnorm_gate, sum_of_squares
 
 
 if not INTERPRET:
 
+    @pytest.mark.skipif(
+        tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8),
+        reason=f"Triton {triton.__version__}'s interpreter gives program ids as 1-element arrays, which the kernels' "
+        "range() loops cannot take (3.8's are scalars); the GPU cases run the compiled kernels",
+    )
     def test_interpreter_suite():
         env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
@@ -254,23 +260,38 @@ def test_prefill_then_decode(B, T, P, H, Dk, Dv, dtype, kind, inplace):
 
 
 @pytest.mark.parametrize(
-    "shape,dtype",
-    cases(interpret=[((3, 5, 48), F32), ((3, 5, 100), F32)], cuda=[((1000, 4096), BF16), ((1000, 4096), F32)]),
-)
-def test_srmsnorm_family(shape, dtype):
-    """srmsnorm, srmsnorm_gate and norm_gate_rstd (Triton, in dtype) against their fp64 PyTorch references,
-    outputs and the gradients of x, u and rstd."""
+    "shape,dtype,strided",
+    cases(
+        # rows per program (fused._config): 16 of 15 / 64 of 37 (one masked program), 4 of 7 and of 21 (a partial
+        # last program), 1 of 3 at a width that is not a power of two (masked columns)
+        interpret=[((3, 5, 48), F32, False), ((37, 48), F32, True), ((7, 704), F32, True), ((21, 1000), F32, False),
+                   ((3, 2816), F32, True)],
+        cuda=[((1000, 4096), BF16, False), ((1000, 4096), F32, True), ((2047, 2816), BF16, True),
+              ((4095, 704), BF16, False), ((3, 341, 1408), F16, True), ((5, 128), BF16, False)],
+    ),
+)  # fmt: skip
+def test_srmsnorm_family(shape, dtype, strided):
+    """srmsnorm, srmsnorm_gate, norm_gate_rstd, sum_of_squares and the TP composition (sum of squares -> rstd ->
+    norm_gate_rstd) in Triton, in dtype, against their fp64 PyTorch references: outputs and the gradients of x, u
+    and rstd. ``strided``: x and u are column slices of one wider tensor (row stride 3 D, as the gate slice of the
+    fused projection), read in place. The forward without autograd matches too."""
     gen = generator(1)
-    x = randn(*shape, gen=gen, dtype=dtype, scale=3)
-    u = randn(*shape, gen=gen, dtype=dtype)
+    D = shape[-1]
+    wide = randn(*shape[:-1], 3 * D, gen=gen, dtype=dtype, scale=3)
+    x, u = (wide[..., :D], wide[..., 2 * D :]) if strided else (wide[..., :D].clone(), wide[..., D : 2 * D].clone())
     dy = randn(*shape, gen=gen, dtype=dtype)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
     fns = {
         "norm": lambda x, u, r, be: srmsnorm(x, 1e-6, backend=be),
         "gate": lambda x, u, r, be: srmsnorm_gate(x, u, 1e-6, backend=be),
         "rstd": lambda x, u, r, be: norm_gate_rstd(x, u, r, backend=be),
-    }
-    tol = 5e-3 if dtype == torch.bfloat16 else 1e-5
+        "sum_sq": lambda x, u, r, be: sum_of_squares(x, backend=be)[..., None] * u,
+        "tp": lambda x, u, r, be: norm_gate_rstd(x, u, torch.rsqrt(sum_of_squares(x, backend=be) / D + 1e-6),
+                                                 backend=be),
+    }  # fmt: skip
+    if CUDA:  # "auto" runs torch's rms_norm for the plain norm on a GPU
+        fns["norm_auto"] = lambda x, u, r, be: srmsnorm(x, 1e-6, backend="auto" if be == "triton" else be)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
     for name, fn in fns.items():
         outs = []
         for be, conv in (("triton", lambda t: t), ("torch", lambda t: t.double())):
@@ -283,6 +304,8 @@ def test_srmsnorm_family(shape, dtype):
                 assert a is None, (name, i)
             else:
                 assert torch.isfinite(a).all() and rel_err(a, b) < tol, (name, i, rel_err(a, b))
+        with torch.no_grad():  # the launch without an autograd node
+            assert rel_err(fn(x, u, rstd, "triton"), outs[1][0]) < tol, name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from megatron_tnllm.ops.lightning_attn import (
     lightning_attention_quadratic,
     lightning_attention_recurrent,
 )
+from megatron_tnllm.ops.srmsnorm import sum_of_squares
 from tests.testing import alibi, rel_err
 
 
@@ -151,13 +152,15 @@ def test_srmsnorm_reference():
 
 
 def test_gated_norm_references():
-    """srmsnorm_gate = srmsnorm(x) * u, and norm_gate_rstd with the full row's rstd gives the same (fp64, torch)."""
+    """srmsnorm_gate = srmsnorm(x) * u, and norm_gate_rstd with the full row's rstd (from sum_of_squares, as across
+    TP ranks) gives the same (fp64, torch); sum_of_squares is fp32 for bf16 input."""
     g = torch.Generator().manual_seed(4)
     x, u = (torch.randn(3, 5, 64, generator=g, dtype=torch.float64) for _ in range(2))
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * u
     assert rel_err(srmsnorm_gate(x, u, 1e-6), expected) < 1e-14
-    rstd = torch.rsqrt(x.pow(2).sum(-1) / 64 + 1e-6)
+    rstd = torch.rsqrt(sum_of_squares(x) / 64 + 1e-6)
     assert rel_err(norm_gate_rstd(x, u, rstd), expected) < 1e-14
+    assert sum_of_squares(x.to(torch.bfloat16)).dtype == torch.float32
     assert srmsnorm_gate(x.float(), u.float()).dtype == torch.float32
 
 

@@ -2,7 +2,8 @@
 
 Per layer (docs/model.md §1), on TP-local heads:
     [q|k|v|u] = x W_qkvu            column-parallel by head; this rank holds [q_r; k_r; v_r; u_r]
-    q, k = SiLU(q), SiLU(k)         LRPE on the preset's LRPE layers (q, k head dim doubles)
+    q, k = SiLU(q), SiLU(k)         fused with the split (ops.qkvu); LRPE on the preset's LRPE layers
+                                    (q, k head dim doubles)
     o = lightning_attention(q, k, v, slope of this layer's heads)
     o = SRMSNorm(o over all D channels, across TP ranks) * u
     out = o W_out                   row-parallel (all-reduce, or reduce-scatter under SP)
@@ -38,6 +39,7 @@ from megatron_tnllm.layers.norms import rstd_across_tp
 from megatron_tnllm.ops import lightning_attention, norm_gate_rstd, srmsnorm_gate
 from megatron_tnllm.ops.decay import layer_slopes
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
+from megatron_tnllm.ops.qkvu import qkvu_silu
 
 QKVU_SECTIONS = ("query", "key", "value", "gate")
 
@@ -163,10 +165,15 @@ class TokenMixer(MegatronModule):
             if self.cp_group.size() > 1:
                 raise NotImplementedError("packed (THD) sequences with context parallelism are not supported")
             cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.int64)
-        qkv = tensor_a2a_cp2hp(qkvu[..., : 3 * local], 0, -1, self.cp_group, split_sections=[local] * 3)
-        seq = qkv.shape[0]  # the whole sequence under CP
-        q, k, v = qkv.view(seq, b, 3, self.heads_attn, self.head_dim).unbind(2)  # views [seq, b, h, d]
-        q, k = F.silu(q), F.silu(k)
+        if self.cp_group.size() == 1:
+            # one pass for both SiLUs, and one for the whole qkvu gradient (v, u: views of qkvu)
+            q, k, v, u = qkvu_silu(qkvu, self.heads_attn, self.head_dim)  # [s, b, h, d] x 3, [s, b, D / tp]
+        else:  # the all-to-all regroups q, k, v by head first, so SiLU runs after it, unfused
+            qkv = tensor_a2a_cp2hp(qkvu[..., : 3 * local], 0, -1, self.cp_group, split_sections=[local] * 3)
+            q, k, v = qkv.view(qkv.shape[0], b, 3, self.heads_attn, self.head_dim).unbind(2)  # views
+            q, k = F.silu(q), F.silu(k)
+            u = qkvu[..., 3 * local :]
+        seq = q.shape[0]  # the whole sequence under CP
         if self.use_lrpe:
             positions = self._positions(seq, cu_seqlens, q.device)[:, None]  # [seq, 1]
             theta = get_parameter_local_cp(self.lrpe_theta, 0, self.cp_group)  # [heads_attn, 1, d]
@@ -176,7 +183,6 @@ class TokenMixer(MegatronModule):
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self._slope(q.device), cu_seqlens=cu_seqlens
         )  # [b, seq, h, d]
         o = tensor_a2a_hp2cp(o.transpose(0, 1).reshape(seq, b, -1), 0, -1, self.cp_group)  # [s, b, D / tp]
-        u = qkvu[..., 3 * local :]
         if self.tp_group.size() == 1:
             o = srmsnorm_gate(o, u, self.eps)
         else:  # the norm spans all heads, i.e. all TP ranks

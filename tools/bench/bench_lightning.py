@@ -296,16 +296,16 @@ def part_norm():
     M, D = 16384, 4096
     x, u, dy = (torch.randn(M, D, device=DEV).to(torch.bfloat16) for _ in range(3))
     res = {"floor_norm_fwd": 4 * M * D / HBM * 1e3, "floor_gate_fwd": 6 * M * D / HBM * 1e3}
-    res["err_norm"] = rel(srmsnorm(x), srmsnorm_torch(x.double()))
-    res["triton_norm_fwd"] = bench(lambda: srmsnorm(x))
+    res["err_norm"] = rel(srmsnorm(x, backend="triton"), srmsnorm_torch(x.double()))
+    res["triton_norm_fwd"] = bench(lambda: srmsnorm(x, backend="triton"))
     res["torch_norm_fwd"] = bench(lambda: srmsnorm_torch(x))
     res["triton_gate_fwd"] = bench(lambda: srmsnorm_gate(x, u))
-    res["unfused_gate_fwd"] = bench(lambda: srmsnorm(x) * u)
+    res["unfused_gate_fwd"] = bench(lambda: srmsnorm(x, backend="triton") * u)
     xg, ug = x.detach().requires_grad_(), u.detach().requires_grad_()
-    res["triton_norm_fb"] = bench(lambda: srmsnorm(xg).backward(dy), grad_to_none=[xg])
+    res["triton_norm_fb"] = bench(lambda: srmsnorm(xg, backend="triton").backward(dy), grad_to_none=[xg])
     res["torch_norm_fb"] = bench(lambda: srmsnorm_torch(xg).backward(dy), grad_to_none=[xg])
     res["triton_gate_fb"] = bench(lambda: srmsnorm_gate(xg, ug).backward(dy), grad_to_none=[xg, ug])
-    res["unfused_gate_fb"] = bench(lambda: (srmsnorm(xg) * ug).backward(dy), grad_to_none=[xg, ug])
+    res["unfused_gate_fb"] = bench(lambda: (srmsnorm(xg, backend="triton") * ug).backward(dy), grad_to_none=[xg, ug])
     RESULTS["norm"] = res
     print("norm:", json.dumps(res), flush=True)
     save()

@@ -3,16 +3,22 @@ per-GPU shapes of the launchers.
 
 Shapes come from each launcher's defaults (examples/pretrain_tnl_*.{sh,sbatch}: PRESET, TP, SP, MBS, SEQ):
 the layer norms see MBS*SEQ/TP rows of width D under sequence parallelism (MBS*SEQ rows otherwise); the
-attention-output norm + gate sees MBS*SEQ rows of width D/TP (under TP its rstd spans ranks; the kernel that
-runs there, ``norm_gate_rstd``, moves the same bytes as ``srmsnorm_gate`` measured here).
+attention-output norm + gate sees MBS*SEQ rows of width D/TP.
 
-Cases, bf16 in and out: ``srmsnorm`` (ours: Triton), ``srmsnorm_torch`` (the PyTorch reference, eager),
-``srmsnorm_torch+compile``, ``rms_norm`` (torch.nn.functional.rms_norm with a weight) and its compiled form,
-``layer_norm`` (with weight and bias); for the gate ``srmsnorm_gate`` (ours), the reference eager and compiled,
-``rms_norm*u`` eager. The last column divides each case's forward + backward time by the fastest case that is
-not ours. Forward, and forward + backward. GB/s counts the least traffic of the op (forward:
-read x [and u], write y; backward: read x, dy [and u], write dx [and du]; weights ignored), against
---bandwidth.
+Cases, bf16 in and out. Norm: ``srmsnorm`` (what the model runs: on a GPU ``rms_norm`` without a weight),
+``srmsnorm[triton]`` (the Triton kernel), ``srmsnorm_torch`` (the PyTorch reference, eager) and its compiled
+form, ``rms_norm`` (torch.nn.functional.rms_norm with a weight) and its compiled form, ``layer_norm`` (with
+weight and bias). Gate: ``srmsnorm_gate`` (Triton, TP = 1), ``norm_gate_rstd`` (Triton, with a given rstd that
+gets a gradient), ``rstd_across_tp+norm_gate_rstd`` (the TP > 1 path on one GPU, without the all-reduce:
+the Triton sum of squares, the rsqrt in torch, then the Triton norm + gate), the reference eager and compiled,
+``rms_norm*u`` eager. Compiled cases run after every eager one.
+
+Each case is timed two ways, median of --reps calls with CUDA events around each call: "ms" issues the calls one
+at a time, so it includes the host's time (Python, autograd, launches) wherever that exceeds the GPU's, as a
+small op sees it in eager code; "GPU ms" queues the same calls behind a GPU sleep, so the host runs ahead and
+the events time the kernels alone, as inside a step whose GEMMs keep the GPU busy. GB/s (from GPU ms) counts
+the least traffic of the op (forward: read x [and u], write y; backward: read x, dy [and u], write dx [and du];
+weights ignored), against --bandwidth. The ratio columns divide each case by the fastest PyTorch case.
 
     python tools/bench/bench_norms.py --out DIR                  # tnl-1b and tnl-7b launcher shapes
     python tools/bench/bench_norms.py --presets all --out DIR    # every launcher
@@ -60,8 +66,8 @@ def launcher_shapes(presets: list[str] | None) -> list[dict]:
     return sorted(out, key=lambda s: get_preset(s["preset"]).num_parameters())
 
 
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median ms of ``fn`` over ``reps`` runs (CUDA events on a GPU)."""
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
+    """(ms, GPU ms) of ``fn``, medians over ``reps`` calls (see the module docstring; on a CPU both are wall)."""
     for _ in range(warmup):
         fn()
     if device.type != "cuda":
@@ -70,20 +76,31 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in events:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize(device)
-    return statistics.median(a.elapsed_time(b) for a, b in events)
+        return statistics.median(times), statistics.median(times)
+    out, wall_s = [], 0.0
+    for ahead in (False, True):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        if ahead:  # ~2 GHz: twice the wall time the calls took one at a time, so the host enqueues them all first
+            torch.cuda._sleep(int(min(2e9, 2 * 2e9 * wall_s + 1e6)))
+        for a, b in events:
+            a.record()
+            fn()
+            b.record()
+        torch.cuda.synchronize(device)
+        wall_s = time.perf_counter() - start
+        out.append(statistics.median(a.elapsed_time(b) for a, b in events))
+    return out[0], out[1]
+
+
+OURS = ("srmsnorm", "srmsnorm[triton]", "srmsnorm_gate", "norm_gate_rstd", "rstd_across_tp+norm_gate_rstd")
 
 
 def cases(compile_backend: str) -> dict[str, dict[str, Callable]]:
     """{"norm": {name: fn(x, w, b)}, "gate": {name: fn(x, u, w)}}; w and b are weights of x's width."""
-    from megatron_tnllm.ops import srmsnorm, srmsnorm_gate
+    from megatron_tnllm.layers.norms import rstd_across_tp
+    from megatron_tnllm.ops import norm_gate_rstd, srmsnorm, srmsnorm_gate
     from megatron_tnllm.ops.srmsnorm import srmsnorm_torch
 
     def gate_torch(x, u, w):
@@ -95,9 +112,17 @@ def cases(compile_backend: str) -> dict[str, dict[str, Callable]]:
     def compiled(fn):
         return torch.compile(fn, backend=compile_backend, dynamic=False)
 
+    rstds: dict[int, torch.Tensor] = {}
+
+    def given_rstd(x):  # one leaf rstd [rows] per input, made once, outside the timed calls
+        if id(x) not in rstds:
+            rstds[id(x)] = torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6).requires_grad_()
+        return rstds[id(x)]
+
     return {
         "norm": {
-            "srmsnorm": lambda x, w, b: srmsnorm(x, 1e-6, backend="triton"),
+            "srmsnorm": lambda x, w, b: srmsnorm(x, 1e-6),
+            "srmsnorm[triton]": lambda x, w, b: srmsnorm(x, 1e-6, backend="triton"),
             "srmsnorm_torch": lambda x, w, b: srmsnorm_torch(x, 1e-6),
             "srmsnorm_torch+compile": compiled(lambda x, w, b: srmsnorm_torch(x, 1e-6)),
             "rms_norm": rms,
@@ -106,6 +131,10 @@ def cases(compile_backend: str) -> dict[str, dict[str, Callable]]:
         },
         "gate": {
             "srmsnorm_gate": lambda x, u, w: srmsnorm_gate(x, u, 1e-6, backend="triton"),
+            "norm_gate_rstd": lambda x, u, w: norm_gate_rstd(x, u, given_rstd(x), backend="triton"),
+            "rstd_across_tp+norm_gate_rstd": lambda x, u, w: norm_gate_rstd(
+                x, u, rstd_across_tp(x, x.shape[-1], 1e-6, None), backend="triton"
+            ),
             "srmsnorm_gate_torch": gate_torch,
             "srmsnorm_gate_torch+compile": compiled(gate_torch),
             "rms_norm*u": lambda x, u, w: rms(x, w, None) * u,
@@ -139,35 +168,39 @@ def measure(kind: str, name: str, fn: Callable, shape: tuple[int, int], args, de
         ("fwd", forward, 2 if kind == "norm" else 3),
         ("fwd+bwd", forward_backward, 5 if kind == "norm" else 8),
     ):
-        ms = timed(run, device, args.warmup, args.reps)
-        gbs = tensors * element / (ms / 1e3) / 1e9
+        ms, gpu_ms = timed(run, device, args.warmup, args.reps)
+        gbs = tensors * element / (gpu_ms / 1e3) / 1e9
         out.append({
-            "kind": kind, "case": name, "mode": mode, "rows": rows, "width": D, "ms": ms, "gb_s": gbs,
-            "of_bandwidth": gbs / (args.bandwidth * 1e3),
+            "kind": kind, "case": name, "mode": mode, "rows": rows, "width": D, "ms": ms, "gpu_ms": gpu_ms,
+            "gb_s": gbs, "of_bandwidth": gbs / (args.bandwidth * 1e3),
         })  # fmt: skip
     return out
 
 
 def table(results: dict) -> str:
     lines = [
-        "| preset (TP) | op | rows x width | case | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s "
-        "| fwd+bwd / best PyTorch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset (TP) | op | rows x width | case | fwd ms | fwd GPU ms | fwd+bwd ms | fwd+bwd GPU ms "
+        "| fwd+bwd GB/s | / best PyTorch: fwd, fwd+bwd | GPU: fwd, fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["shapes"]:
         for kind in ("norm", "gate"):
-            rows = [r for r in entry["rows"] if r["kind"] == kind]
-            both = {}
-            for r in rows:
-                both.setdefault(r["case"], {})[r["mode"]] = r
-            ours = "srmsnorm" if kind == "norm" else "srmsnorm_gate"
-            torch_best = min(v["fwd+bwd"]["ms"] for k, v in both.items() if k != ours)
+            both: dict[str, dict] = {}
+            for r in entry["rows"]:
+                if r["kind"] == kind:
+                    both.setdefault(r["case"], {})[r["mode"]] = r
+            best = {
+                (mode, key): min(v[mode][key] for k, v in both.items() if k not in OURS)
+                for mode in ("fwd", "fwd+bwd")
+                for key in ("ms", "gpu_ms")
+            }
             for case, m in both.items():
                 f, fb = m["fwd"], m["fwd+bwd"]
                 lines.append(
                     f"| {entry['preset']} ({entry['tp']}) | {kind} | {f['rows']} x {f['width']} | {case} | "
-                    f"{f['ms']:.4f} | {f['gb_s']:,.0f} | {fb['ms']:.4f} | {fb['gb_s']:,.0f} | "
-                    f"{fb['ms'] / torch_best:.2f} |"
+                    f"{f['ms']:.4f} | {f['gpu_ms']:.4f} | {fb['ms']:.4f} | {fb['gpu_ms']:.4f} | {fb['gb_s']:,.0f} | "
+                    f"{f['ms'] / best['fwd', 'ms']:.2f}, {fb['ms'] / best['fwd+bwd', 'ms']:.2f} | "
+                    f"{f['gpu_ms'] / best['fwd', 'gpu_ms']:.2f}, {fb['gpu_ms'] / best['fwd+bwd', 'gpu_ms']:.2f} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -197,15 +230,15 @@ def main() -> None:
         "bandwidth_tb_s": args.bandwidth,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "shapes": [],
     }
-    for entry in shapes:
-        entry = {**entry, "rows": []}
-        for kind in ("norm", "gate"):
-            for name, fn in table_cases[kind].items():
-                entry["rows"].extend(measure(kind, name, fn, entry[kind], args, device))
-                print(json.dumps(entry["rows"][-1]), flush=True)
-        results["shapes"].append(entry)
+    results["shapes"] = [{**entry, "rows": []} for entry in shapes]
+    for compiled in (False, True):  # compiled cases last: nothing eager is timed after Inductor has run
+        for entry in results["shapes"]:
+            for kind in ("norm", "gate"):
+                for name, fn in table_cases[kind].items():
+                    if name.endswith("+compile") == compiled:
+                        entry["rows"].extend(measure(kind, name, fn, entry[kind], args, device))
+                        print(json.dumps(entry["rows"][-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_norms.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "bench_norms.md").write_text(table(results))

@@ -24,3 +24,9 @@ def norm_gate_rstd_torch(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor) -
     """y = x * rstd[..., None] * u for x, u [..., D] and a per-row rstd [...]."""
     xf = x if x.dtype == torch.float64 else x.float()
     return (xf * rstd.to(xf.dtype)[..., None] * u.to(xf.dtype)).to(x.dtype)
+
+
+def sum_of_squares_torch(x: torch.Tensor) -> torch.Tensor:
+    """sum(x^2, -1) [...] for x [..., D], in fp32 (fp64 for fp64 input)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    return xf.pow(2).sum(-1)

@@ -1,0 +1,288 @@
+"""The fused elementwise ops around the GEMMs (``ops.glu``: SGLU's gated product; ``ops.qkvu``: the token mixer's
+qkvu split with SiLU) against their fp64 PyTorch references, forward and every gradient.
+
+As in tests/test_kernels.py, the Triton cases run on the CPU under Triton's interpreter in a subprocess
+(``test_interpreter_suite``: TRITON_INTERPRET=1 must be set before the kernels are decorated) at small shapes,
+and on a CUDA GPU at the per-GPU shapes of tnl-1b (16384 tokens, D 2048, F 5632) with every kernel output
+poisoned with NaN first (skipped without CUDA). The PyTorch-backend cases run in the normal process.
+
+Bits: the product of two bf16/fp16 numbers is exact in fp32, so rounding it once gives torch's ``a * b``
+bit for bit. The GPU checks that for bf16; the interpreter rounds fp32 -> bf16 by truncation (not as the GPU
+does), so there the bit check runs in fp16, which it rounds to nearest even.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_tnllm.ops.glu import glu_product
+from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
+from megatron_tnllm.ops.qkvu import qkvu_silu
+from tests.testing import rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cpu" if INTERPRET else "cuda"
+NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and no TRITON_INTERPRET)")
+TRITON = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton: the interpreter subprocess or a CUDA GPU")
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# fp32 against fp64: one rounding of each output; bf16: a few bf16 roundings (the interpreter truncates)
+TOL = {F32: 1e-6, F16: 2e-3, BF16: 8e-3}
+
+if INTERPRET or CUDA:
+    from megatron_tnllm.ops import backend
+
+
+if not INTERPRET:
+
+    def test_interpreter_suite():
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        print(res.stdout[-4000:])
+        assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-4000:]
+
+
+def cases(interpret: list, cuda: list) -> list:
+    """The interpreter's parameter sets in the interpreter subprocess, else the GPU's (skipped without CUDA)."""
+    if INTERPRET:
+        return interpret
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=NEEDS_CUDA) for c in cuda]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """GPU: every kernel output filled with NaN before the kernels run (an unwritten element fails)."""
+    if CUDA:
+        backend.POISON_OUTPUTS = True
+    yield
+    if CUDA:
+        backend.POISON_OUTPUTS = False
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int, device: str = DEVICE) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+
+def grads_of(fn, x: torch.Tensor, dys: list[torch.Tensor | None]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """fn(leaf) -> output(s); backward with dys (None: that output unused) -> (outputs, leaf's gradient)."""
+    leaf = x.detach().clone().requires_grad_()
+    outs = fn(leaf)
+    outs = list(outs) if isinstance(outs, tuple) else [outs]
+    used = [(o, dy) for o, dy in zip(outs, dys, strict=True) if dy is not None]
+    torch.autograd.backward([o for o, _ in used], [dy.to(o.dtype) for o, dy in used])
+    return outs, leaf.grad
+
+
+def assert_close(name: str, a: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert a.shape == ref.shape, (name, tuple(a.shape), tuple(ref.shape))
+    assert torch.isfinite(a).all(), f"{name} has NaN/Inf (unwritten?)"
+    err = rel_err(a, ref)
+    assert err < tol, f"{name}: rel err {err:.2e} over {tol}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gated product (SGLU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@TRITON
+@pytest.mark.parametrize(
+    "shape,dtype",
+    cases(
+        interpret=[((3, 5, 2 * 40), F32), ((2, 7, 2 * 1100), F32), ((9, 2 * 37), BF16)],
+        cuda=[((2048, 8, 2 * 5632), BF16), ((4096, 2 * 5504), BF16), ((300, 2 * 1000), F32)],
+    ),
+)
+def test_glu_product_matches_fp64(shape, dtype):
+    """y and dx (both halves) against the fp64 reference; F not a multiple of the tile exercises the masks."""
+    x = randn(*shape, dtype=dtype, seed=1)
+    dy = randn(*shape[:-1], shape[-1] // 2, dtype=dtype, seed=2)
+    (y,), dx = grads_of(lambda t: glu_product(t, backend="triton"), x, [dy])
+    (ry,), rdx = grads_of(lambda t: glu_product(t, backend="torch"), x.double(), [dy.double()])
+    assert_close("y", y, ry, TOL[dtype])
+    assert_close("dx", dx, rdx, TOL[dtype])
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", cases(interpret=[F16], cuda=[BF16, F16]))
+def test_glu_product_bits_equal_torch(dtype):
+    """Forward and backward give torch's own products bit for bit, also from a row-strided input (a slice of a
+    wider tensor) and a zero-stride gradient (y.sum())."""
+    wide = randn(64, 2 * 300 + 16, dtype=dtype, seed=3) * 4
+    x = wide[:, 8 : 8 + 600]  # rows 616 apart
+    a, b = x[:, :300], x[:, 300:]
+    dy = randn(64, 300, dtype=dtype, seed=4)
+    (y,), dx = grads_of(lambda t: glu_product(t, backend="triton"), x, [dy])
+    assert torch.equal(y, a * b)
+    assert torch.equal(dx, torch.cat([dy * b, dy * a], -1))
+    leaf = x.detach().clone().requires_grad_()
+    glu_product(leaf, backend="triton").sum().backward()
+    assert torch.equal(leaf.grad, torch.cat([b, a], -1))
+
+
+def test_glu_product_torch_backend_is_megatrons_gated_path():
+    """The PyTorch path equals Megatron's non-fused gated MLP (chunk, + glu_linear_offset 0.0, product) in value,
+    forward and backward; odd widths are refused."""
+    x = randn(4, 3, 2 * 24, dtype=BF16, seed=5, device="cpu")
+    dy = randn(4, 3, 24, dtype=BF16, seed=6, device="cpu")
+
+    def megatron(t):
+        x_glu, x_linear = torch.chunk(t, 2, dim=-1)
+        return x_glu * (x_linear + 0.0)
+
+    (y,), dx = grads_of(lambda t: glu_product(t, backend="torch"), x, [dy])
+    (ry,), rdx = grads_of(megatron, x, [dy])
+    assert torch.equal(y, ry) and torch.equal(dx, rdx)
+    with pytest.raises(ValueError, match="even last dimension"):
+        glu_product(torch.zeros(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qkvu split + SiLU (token mixer)
+# ---------------------------------------------------------------------------------------------------------------
+
+ALL_GRADS = (True, True, True, True)
+
+
+@TRITON
+@pytest.mark.parametrize(
+    "lead,H,d,dtype,used",
+    cases(
+        interpret=[
+            ((3, 2), 2, 8, F32, ALL_GRADS),
+            ((5, 1), 3, 40, F32, ALL_GRADS),  # L = 120: a masked column tile
+            ((4, 2), 2, 8, F32, (True, False, False, True)),  # absent dk, dv: zeros
+            ((4, 2), 2, 8, F32, (False, True, True, False)),
+            ((3, 2), 2, 16, BF16, ALL_GRADS),
+        ],
+        cuda=[
+            ((2048, 8), 16, 128, BF16, ALL_GRADS),  # tnl-1b: 16384 tokens, D 2048
+            ((4096, 1), 16, 128, BF16, ALL_GRADS),  # tnl-7b TP = 2: D / TP 2048
+            ((1000, 2), 4, 128, BF16, (True, False, True, False)),
+            ((300, 2), 4, 96, F32, ALL_GRADS),
+        ],
+    ),
+)
+def test_qkvu_silu_matches_fp64(lead, H, d, dtype, used):
+    """SiLU(q), SiLU(k), v, u and the one qkvu gradient against the fp64 reference (outputs without a gradient
+    count as zero); v and u are views of qkvu, q and k contiguous."""
+    L = H * d
+    x = randn(*lead, 4 * L, dtype=dtype, seed=7)
+    dys = [randn(*lead, H, d, dtype=dtype, seed=8 + i) for i in range(3)] + [randn(*lead, L, dtype=dtype, seed=11)]
+    dys = [dy if u else None for dy, u in zip(dys, used, strict=True)]
+    outs, dx = grads_of(lambda t: qkvu_silu(t, H, d, backend="triton"), x, dys)
+    ref_dys = [None if g is None else g.double() for g in dys]
+    refs, rdx = grads_of(lambda t: qkvu_silu(t, H, d, backend="torch"), x.double(), ref_dys)
+    for name, a, r in zip("qkvu", outs, refs, strict=True):
+        assert_close(name, a, r, TOL[dtype])
+    assert_close("dqkvu", dx, rdx, TOL[dtype])
+    q, k, v, u = qkvu_silu(x, H, d, backend="triton")
+    assert q.is_contiguous() and k.is_contiguous()
+    assert v.data_ptr() == x[..., 2 * L :].data_ptr() and u.data_ptr() == x[..., 3 * L :].data_ptr()
+    assert v.shape == (*lead, H, d) and u.shape == (*lead, L)
+
+
+@TRITON
+def test_qkvu_silu_with_lrpe_and_attention_layout():
+    """The token mixer's use on an LRPE layer: LRPE on SiLU(q), SiLU(k), the [b, s] transposes the attention
+    kernels read, and a zero-stride gradient for u (u.sum()); the qkvu gradient matches fp64."""
+    s, b, H, d = 6, 2, 2, 8
+    x = randn(s, b, 4 * H * d, dtype=F32, seed=12)
+    theta = lrpe_theta_init(H, d).to(DEVICE)
+    positions = torch.arange(s, device=DEVICE)[:, None]
+    w = randn(b, s, H, 2 * d, dtype=F32, seed=13)
+
+    def mixer_input(t, be):
+        q, k, v, u = qkvu_silu(t, H, d, backend=be)
+        q, k = apply_lrpe(q, theta, positions), apply_lrpe(k, theta, positions)
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        return ((qt * w.to(t.dtype)).sum() + (kt * kt).sum() + (vt * qt[..., :d]).sum() + u.sum(),)
+
+    one = torch.ones((), device=DEVICE)
+    _, dx = grads_of(lambda t: mixer_input(t, "triton"), x, [one])
+    _, rdx = grads_of(lambda t: mixer_input(t, "torch"), x.double(), [one.double()])
+    assert_close("dqkvu", dx, rdx, TOL[F32])
+
+
+def test_qkvu_silu_torch_backend_is_the_mixers_split():
+    """The PyTorch path equals the mixer's former code (views of [s, b, 3, h, d], SiLU on q, k), forward and
+    backward, bit for bit; a width that is not 4 H d is refused."""
+    s, b, H, d = 5, 2, 3, 4
+    x = randn(s, b, 4 * H * d, dtype=BF16, seed=14, device="cpu")
+    dys = [randn(s, b, H, d, dtype=BF16, seed=15 + i, device="cpu") for i in range(3)]
+    dys.append(randn(s, b, H * d, dtype=BF16, seed=18, device="cpu"))
+
+    def former(t):
+        q, k, v = t[..., : 3 * H * d].view(s, b, 3, H, d).unbind(2)
+        return F.silu(q), F.silu(k), v, t[..., 3 * H * d :]
+
+    outs, dx = grads_of(lambda t: qkvu_silu(t, H, d, backend="torch"), x, dys)
+    refs, rdx = grads_of(former, x, dys)
+    assert all(torch.equal(a, r) for a, r in zip(outs, refs, strict=True)) and torch.equal(dx, rdx)
+    with pytest.raises(ValueError, match="4 \\* heads \\* head_dim = 48"):
+        qkvu_silu(torch.zeros(2, 40), H, d)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
+def test_bench_fusion_smoke(tmp_path, monkeypatch):
+    """tools/bench/bench_fusion.py --smoke (CPU, interpreter) writes its table, so the GPU run fails on no typo."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+    import bench_fusion
+
+    monkeypatch.setattr(sys, "argv", ["bench_fusion.py", "--smoke", "--out", str(tmp_path)])
+    bench_fusion.main()
+    rows = json.loads((tmp_path / "bench_fusion.json").read_text())["shapes"][0]["rows"]
+    assert {(r["op"], r["case"], r["mode"]) for r in rows} == {
+        (op, case, mode) for op in ("glu", "qkvu") for case in ("old", "fused") for mode in ("fwd", "fwd+bwd")
+    }
+    assert "| smoke (1) | qkvu | 16 x 32 | fused |" in (tmp_path / "bench_fusion.md").read_text()
+
+
+def _layers_worker(rank, world, out):
+    """tnl-tiny (LRPE on layer 0), fp32: loss and every gradient with the layers' ops forced to Triton (interpreted)
+    and to PyTorch; saved to ``out``."""
+    from megatron.core import parallel_state
+
+    from megatron_tnllm.configs import get_preset
+    from megatron_tnllm.layers import sglu, token_mixer
+    from megatron_tnllm.models import build_model
+    from tests.megatron_utils import fixed_batch, loss_of
+
+    parallel_state.initialize_model_parallel()
+    preset = get_preset("tnl-tiny")
+    results = {}
+    for be in ("triton", "torch"):
+        sglu.glu_product = functools.partial(glu_product, backend=be)
+        token_mixer.qkvu_silu = functools.partial(qkvu_silu, backend=be)
+        torch.manual_seed(0)
+        model = build_model(preset, use_cpu_initialization=True)
+        loss = loss_of(model, fixed_batch(preset.vocab_size))
+        loss.backward()
+        results[be] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.save(results, out / "results.pt")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
+def test_layers_run_the_fused_ops(tmp_path):
+    """The TNL layers (SGLU, the token mixer with and without LRPE) with the Triton ops give the loss and every
+    parameter gradient of the PyTorch ops."""
+    from tests.distributed import run_distributed
+
+    run_distributed(_layers_worker, 1, tmp_path)
+    results = torch.load(tmp_path / "results.pt")
+    (loss, grads), (ref_loss, ref_grads) = results["triton"], results["torch"]
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys() and any("qkvu" in n for n in grads) and any("fc1" in n for n in grads)
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 1e-5, name
