@@ -112,12 +112,13 @@ def cases(compile_backend: str) -> dict[str, dict[str, Callable]]:
     def compiled(fn):
         return torch.compile(fn, backend=compile_backend, dynamic=False)
 
-    rstds: dict[int, torch.Tensor] = {}
+    rstds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def given_rstd(x):  # one leaf rstd [rows] per input, made once, outside the timed calls
-        if id(x) not in rstds:
-            rstds[id(x)] = torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6).requires_grad_()
-        return rstds[id(x)]
+        # keyed by id and holding x: a freed input's id can come back for the next shape's tensor
+        if id(x) not in rstds or rstds[id(x)][0] is not x:
+            rstds[id(x)] = (x, torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6).requires_grad_())
+        return rstds[id(x)][1]
 
     return {
         "norm": {
