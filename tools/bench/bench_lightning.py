@@ -4,6 +4,7 @@
     python tools/bench/bench_lightning.py --all --json OUT.json          # sweep, decode, norm, table
     python tools/bench/bench_lightning.py --table --shapes B4_T8192_H32_D128
     python tools/bench/bench_lightning.py --tp-shapes --ab v3=old/chunk.py  # per-GPU launcher shapes, A/B
+    python tools/bench/bench_lightning.py --tp-grid --no-fla              # launch-config grid at those shapes
 
 What it does (each part also alone: --sweep, --decode, --norm, --table):
 * sweep: a few launch configs of our kernels on three shapes (large, medium, small batch x heads); the
@@ -77,8 +78,22 @@ TP_SHAPES = [
     ("LRPE, 1b layout", (8, 2048, 16, 256, 128)),
 ]
 # config variants of our kernels timed beside the default in --tp-shapes
-TP_VARIANTS = {"two_launch": dict(fused_segments=False), "min_seg256": dict(min_seg=256)}
-RESULTS: dict = {"meta": {}, "sweep": {}, "decode": {}, "norm": {}, "table": {}, "tp": {}}
+TP_VARIANTS = {
+    "two_launch": dict(fused_segments=False),
+    "min_seg256": dict(min_seg=256),
+    "min_seg128": dict(min_seg=128),
+    "chunk32_min_seg128": dict(chunk=32, min_seg=128),
+}
+# --tp-grid: launch configs timed (graph fwd, graph fwd+bwd; no fla) at the D = 128 launcher shapes
+TP_GRID = {"default": {}} | {
+    f"c{c}_t{t}_m{m}_g{g}": dict(chunk=c, fwd_tile=t, rev_tile=t, min_seg=m, target_ctas=g)
+    for c in (32, 64)
+    for t in (32, 64, 128)
+    for m in (128, 512)
+    for g in (0, 528)
+} | {"warps8": dict(num_warps=8), "warps4": dict(num_warps=4), "stages1": dict(num_stages=1),
+     "stages3": dict(num_stages=3), "two_launch": dict(fused_segments=False)}  # fmt: skip
+RESULTS: dict = {"meta": {}, "sweep": {}, "decode": {}, "norm": {}, "table": {}, "tp": {}, "tp_grid": {}}
 JSON_PATH = None
 
 
@@ -527,6 +542,39 @@ def part_tp(chunk_simple_gla, ab: dict, deadline: float, only: list | None, warm
         save()
 
 
+def part_tp_grid(only: list | None):
+    """Graph-replayed fwd and fwd+bwd ms of every TP_GRID config at the D = 128 launcher shapes; the five fastest
+    fwd+bwd configs per shape are printed."""
+    base = chunk_mod.CONFIG
+    for launcher, shape in TP_SHAPES:
+        B, T, H, Dk, Dv = shape
+        if Dk != 128 or Dv != 128 or (only and name(shape) not in only):
+            continue
+        slope = alibi(H)
+        q, k, v = inputs(B, T, H, Dk, Dv, seed=3)
+        do = (torch.randn(B, T, H, Dv, device=DEV) * 0.1).to(torch.bfloat16)
+        row = {}
+        for label, kw in TP_GRID.items():
+            chunk_mod.CONFIG = chunk_mod.KernelConfig(**{**vars(base), **kw})
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+            def fb(leaves=leaves, slope=slope, do=do):
+                impl_ours(*leaves, slope).backward(do)
+
+            try:
+                fb()
+                with torch.no_grad():
+                    fwd = graph_ms(lambda q=q, k=k, v=v, slope=slope: impl_ours(q, k, v, slope))
+                row[label] = {"fwd_graph": fwd, "fb_graph": graph_ms(fb, leaves)}
+            except Exception as e:  # noqa: BLE001
+                row[label] = {"error": repr(e)[:200]}
+        chunk_mod.CONFIG = base
+        RESULTS["tp_grid"][name(shape)] = {"launcher": launcher, **row}
+        ok = sorted((r["fb_graph"], label) for label, r in row.items() if "fb_graph" in r)
+        print(name(shape), launcher, "default", row["default"], "fastest:", ok[:5], flush=True)
+        save()
+
+
 def print_tp_table():
     t = RESULTS["tp"]
     if not t:
@@ -605,6 +653,7 @@ def main():
     )
     ap.add_argument("--decode-sweep", action="store_true", help="also sweep the decode tile")
     ap.add_argument("--tp-shapes", action="store_true", help="per-GPU launcher shapes beside fla (A/B with --ab)")
+    ap.add_argument("--tp-grid", action="store_true", help="graph times of a grid of launch configs, TP shapes")
     ap.add_argument("--ab", nargs="*", default=[], help="LABEL=PATH of another chunk.py to time beside ours")
     ap.add_argument("--warm-only", action="store_true", help="--tp-shapes: compile/autotune into the cache only")
     ap.add_argument("--no-fla", action="store_true", help="leave fla out")
@@ -635,6 +684,8 @@ def main():
     if args.tp_shapes:
         ab = dict(x.split("=", 1) for x in args.ab)
         part_tp(chunk_simple_gla, ab, args.deadline, args.shapes, args.warm_only, args.impls)
+    if args.tp_grid:
+        part_tp_grid(args.shapes)
     if args.all or args.table:
         shapes = [s for s in SHAPES if not args.shapes or name(s) in args.shapes]
         part_table(shapes, chunk_simple_gla, la2, args.deadline)
