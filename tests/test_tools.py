@@ -79,6 +79,29 @@ def plan_activation_bytes_per_layer(cfg, tokens):
 
 
 @pytest.mark.parametrize(
+    ("name", "mbs", "plain", "lrpe"),
+    [("tnl-1b", 8, 78_860, 113_677), ("tnl-7b", 1, 158_220, 307_732)],
+)
+def test_activation_model_against_bench_layer(name, mbs, plain, lrpe):
+    """Bytes per token a plain and an LRPE layer keep for backward, measured by tools/bench/bench_layer.py (one H200,
+    2026-12-01, after the fused qkvu split and SGLU product, launcher micro-batch), plus the layer's input (2 D, which
+    the bench allocates before the forward and a stack keeps in the next layer's input norm): within 1.5 %. LRPE's
+    angle tables are per position, so an LRPE layer's bytes per token fall with the micro-batch."""
+    cfg = get_preset(name)
+    D = cfg.hidden_size
+    assert activation_bytes_per_token_layer(cfg) == pytest.approx(plain + 2 * D, rel=0.015)
+    assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=mbs) == pytest.approx(lrpe + 2 * D, rel=0.015)
+    assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=1) - activation_bytes_per_token_layer(
+        cfg, lrpe=True, mbs=8
+    ) == pytest.approx(22 * D * 7 / 8)
+    at_mbs = plan(cfg, Layout(mbs=mbs, seq=2048))["activations"]
+    per_token = (cfg.num_layers - 1) * activation_bytes_per_token_layer(cfg) + activation_bytes_per_token_layer(
+        cfg, lrpe=True, mbs=mbs
+    )
+    assert at_mbs == pytest.approx(mbs * 2048 * per_token, rel=1e-12)
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         (["--tp", "-8"], "argument --tp: expected a positive integer, got -8"),

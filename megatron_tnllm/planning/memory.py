@@ -14,15 +14,19 @@ onwards (Megatron's even split). Per stage:
   the embedding V D is on the first stage and, tied, again as the output layer on the last;
 * Adam state: fp32 master weights, m and v (12 B/param), divided by DP x CP with the distributed optimizer
   (Megatron shards it over the data-parallel group with the context-parallel ranks);
-* activations saved for backward, bytes per token per layer (bf16, TNL layer as implemented here):
-  token mixer ~26 D (input norm, fused qkvu output kept by SiLU, SiLU outputs, attention output,
-  fp32 norm statistics, gate product, out-proj input; +8 D on an LRPE layer, whose q, k double),
-  SGLU ~4 D + 6 G (norm, fc1 input, [l1; l2] output, product); a softmax-attention layer through SDPA's
-  flash kernel ~12 D + 4 H in its mixer (input norm, q, k, v, the output saved by SDPA and its copy saved by
-  the output projection, fp32 log-sum-exp per head; nothing grows with the sequence) and the same SGLU;
-  divided by TP under sequence parallelism and by CP (each context-parallel rank holds seq / CP tokens;
-  inside the attention it holds all tokens of heads / CP heads, the same bytes); with full recompute only
-  each layer's input (2 D) is kept, plus the stage's largest layer's full set;
+* activations saved for backward, bytes per token per layer (bf16, TNL layer as implemented here, measured
+  by ``tools/bench/bench_layer.py``): token mixer 20 D (the layer input kept by the input norm, the normed
+  input kept by the qkvu product, the qkvu output kept by the fused split + SiLU (8 D), SiLU(q), SiLU(k) kept
+  by the attention (4 D), the attention output kept by norm + gate, the gated output kept by the output
+  projection; fp32 norm statistics are negligible), SGLU 4 D + 6 G (the mid-layer residual kept by its norm,
+  the normed input, [l1; l2] kept by the fused product, the product); an LRPE layer adds
+  14 D + 22 D / MBS (LRPE forms its fp32 angle tables per sequence position, shared by the micro-batch);
+  a softmax-attention layer through SDPA's flash kernel ~14 D + 4 H in its mixer (the layer input kept by
+  the input norm, the normed input, q, k, v, the output saved by SDPA and its copy saved by the output
+  projection, fp32 log-sum-exp per head; nothing grows with the sequence) and the same SGLU; divided by TP
+  under sequence parallelism and by CP (each context-parallel rank holds seq / CP tokens; inside the
+  attention it holds all tokens of heads / CP heads, the same bytes); with full recompute only each layer's
+  input (2 D) is kept, plus the stage's largest layer's full set;
 * micro-batches in flight on stage r when its first backward starts (Megatron core_v0.19
   ``get_pp_rank_microbatches``): 1F1B holds PP - r of them through its L / PP layers; the interleaved schedule
   (VPP model chunks of L / (PP VPP) layers per stage) runs 2 (PP - r - 1) + (VPP - 1) PP warm-up chunk
@@ -98,13 +102,22 @@ def stage_layers(num_layers: int, pp: int, vpp: int, stage: int) -> tuple[range,
     return tuple(range((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(vpp))
 
 
-def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False, softmax: bool = False) -> int:
+def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False, softmax: bool = False, mbs: int = 1) -> float:
     """Bytes saved for backward per token by one layer (module docstring): a TNL layer, with ``lrpe`` one with
-    LRPE, with ``softmax`` a softmax-attention layer."""
+    LRPE, with ``softmax`` a softmax-attention layer; ``mbs`` sequences per micro-batch share LRPE's angle
+    tables."""
     D, G = cfg.hidden_size, cfg.glu_size
+    sglu = 4 * D + 6 * G
     if softmax:
-        return 12 * D + 4 * cfg.num_heads + 4 * D + 6 * G
-    return 26 * D + (8 * D if lrpe else 0) + 4 * D + 6 * G
+        return 14 * D + 4 * cfg.num_heads + sglu
+    # LRPE (ops/lrpe.py apply_lrpe, once for q and once for k) keeps per token x.float() (4 D) and its bf16
+    # output of twice the head width (4 D, saved by the attention instead of SiLU's 2 D), i.e. 12 D more for
+    # q and k; and per sequence position the fp32 angle, cos and sin [seq, heads, head_dim] of each call,
+    # 24 D, shared by the micro-batch. That derivation, 12 D + 24 D / MBS, is 12 % below the measurement at
+    # tnl-1b (MBS 8: 17.0 D measured); the fit to both measurements (tnl-1b MBS 8: 17.0 D, tnl-7b MBS 1:
+    # 36.5 D; bench_layer.py, one H200, 2026-12-01) is used instead, within 1.5 % of each.
+    lrpe_extra = 14 * D + 22 * D / mbs if lrpe else 0
+    return 20 * D + lrpe_extra + sglu
 
 
 def layer_parameters(cfg: TNLConfig, softmax: bool = False) -> int:
@@ -154,11 +167,13 @@ def plan_stage(cfg: TNLConfig, lay: Layout, stage: int) -> dict[str, float]:
     held_layers = sum(n * len(chunk) for n, chunk in zip(held, chunks, strict=True))
     act_split = lay.tp if lay.sp else 1
     layer = activation_bytes_per_token_layer(cfg) * tokens / act_split
-    lrpe_layer = activation_bytes_per_token_layer(cfg, lrpe=True) * tokens / act_split
+    lrpe_layer = activation_bytes_per_token_layer(cfg, lrpe=True, mbs=lay.mbs) * tokens / act_split
     softmax_layer = activation_bytes_per_token_layer(cfg, softmax=True) * tokens / act_split
     if lay.recompute == "full":
         kinds = {
-            activation_bytes_per_token_layer(cfg, lrpe=i in cfg.lrpe_layers, softmax=i in cfg.softmax_layers)
+            activation_bytes_per_token_layer(
+                cfg, lrpe=i in cfg.lrpe_layers, softmax=i in cfg.softmax_layers, mbs=lay.mbs
+            )
             for chunk in chunks
             for i in chunk
         }

@@ -13,8 +13,8 @@ LRPE, residuals, casts). Then, for every launcher of ``--launchers`` (examples/)
 TP: the same products with 4D/TP, G/TP outputs (D/TP, G/TP inputs of the row-parallel ones) on the full
 MBS x SEQ tokens (sequence parallelism gathers them before each product) and the kernel on H/TP heads. A TNL
 layer needs heads x head_dim = hidden, so those are not built as a layer. ``activation_bytes_per_token`` is
-what one layer's forward leaves allocated for backward, per token (tools/plan_memory.py assumes 30 D + 6 G,
-+8 D with LRPE).
+what one layer's forward leaves allocated for backward, per token (tools/plan_memory.py assumes 24 D + 6 G,
++14 D + 22 D / MBS with LRPE, counting the layer's input, 2 D, which this allocates before the forward).
 
 ``model``: ``megatron_tnllm.models.build_model`` at the preset's real width with ``--layers`` layers (default:
 the most that tools/plan_memory.py fits into 90 % of the GPU), Megatron DDP (fp32 gradient buffer) and the
@@ -213,7 +213,8 @@ def time_layer(bench: Bench, cfg: TNLConfig, batch: int, seq: int) -> dict:
         result[name] = {
             "ms": ms,
             "activation_bytes_per_token": kept / (seq * batch) if bench.cuda else None,
-            "planned_bytes_per_token": activation_bytes_per_token_layer(cfg, lrpe=name == "lrpe"),
+            # the plan also counts the layer's input (2 D), which the reading above excludes (allocated before it)
+            "planned_bytes_per_token": activation_bytes_per_token_layer(cfg, lrpe=name == "lrpe", mbs=batch),
             "backward_peak_mib": peak / 2**20,
         }
     del model
