@@ -32,6 +32,13 @@ RECORDED = [
     ("1b seq 2k", "tnl-1b", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 65536 / 74060),
     ("1b seq 8k", "tnl-1b", 64000, Layout(mbs=2, seq=8192, num_microbatches=4), 65536 / 73135),
     ("1b seq 32k", "tnl-1b", 64000, Layout(mbs=1, seq=32768, num_microbatches=2), 65536 / 74557),
+    # docs/training.md §4 after the fused elementwise ops: tnl-1b and tnl-1b-hybrid, same layouts
+    ("1b fused seq 2k", "tnl-1b", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 0.8517),
+    ("1b fused seq 8k", "tnl-1b", 64000, Layout(mbs=2, seq=8192, num_microbatches=4), 0.8690),
+    ("1b fused seq 32k", "tnl-1b", 64000, Layout(mbs=1, seq=32768, num_microbatches=2), 0.8534),
+    ("1b hybrid seq 2k", "tnl-1b-hybrid", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 0.8574),
+    ("1b hybrid seq 8k", "tnl-1b-hybrid", 64000, Layout(mbs=2, seq=8192, num_microbatches=4), 0.8884),
+    ("1b hybrid seq 32k", "tnl-1b-hybrid", 64000, Layout(mbs=1, seq=32768, num_microbatches=2), 0.9640),
 ]  # fmt: skip
 
 
