@@ -1,10 +1,11 @@
 """The fused elementwise ops around the GEMMs (``ops.glu``: SGLU's gated product; ``ops.qkvu``: the token mixer's
-qkvu split with SiLU) against their fp64 PyTorch references, forward and every gradient.
+qkvu split with SiLU, and with LRPE on LRPE layers) against their fp64 PyTorch references, forward and every
+gradient (theta's included).
 
 As in tests/test_kernels.py, the Triton cases run on the CPU under Triton's interpreter in a subprocess
 (``test_interpreter_suite``: TRITON_INTERPRET=1 must be set before the kernels are decorated) at small shapes,
-and on a CUDA GPU at the per-GPU shapes of tnl-1b (16384 tokens, D 2048, F 5632) with every kernel output
-poisoned with NaN first (skipped without CUDA). The PyTorch-backend cases run in the normal process.
+and on a CUDA GPU at the per-GPU shapes of tnl-1b (16384 tokens, D 2048, F 5632) and tnl-7b TP=2 with every
+kernel output poisoned with NaN first (skipped without CUDA). The PyTorch-backend cases run in the normal process.
 
 Bits: the product of two bf16/fp16 numbers is exact in fp32, so rounding it once gives torch's ``a * b``
 bit for bit. The GPU checks that for bf16; the interpreter rounds fp32 -> bf16 by truncation (not as the GPU
@@ -24,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_tnllm.layers.token_mixer import TokenMixer
 from megatron_tnllm.ops.glu import glu_product
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 from megatron_tnllm.ops.qkvu import qkvu_silu
@@ -40,6 +42,7 @@ TOL = {F32: 1e-6, F16: 2e-3, BF16: 8e-3}
 
 if INTERPRET or CUDA:
     from megatron_tnllm.ops import backend
+    from megatron_tnllm.ops.qkvu import fused
 
 
 if not INTERPRET:
@@ -193,26 +196,149 @@ def test_qkvu_silu_matches_fp64(lead, H, d, dtype, used):
     assert v.shape == (*lead, H, d) and u.shape == (*lead, L)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# qkvu split + SiLU + LRPE (the token mixer's LRPE layers)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def lrpe_positions(s: int, starts: tuple[int, ...] = ()) -> torch.Tensor:
+    """The mixer's token positions [s] (restarting at each packed sequence start in ``starts``)."""
+    cu = torch.tensor([0, *starts, s]) if starts else None
+    return TokenMixer._positions(s, cu, torch.device(DEVICE))
+
+
+def lrpe_fp64(x: torch.Tensor, H: int, d: int, theta: torch.Tensor, positions: torch.Tensor):
+    """The fp64 oracle of the LRPE split: x [s, ..., 4 H d] and theta [H, 1, d] fp64 leaves. The angles take the
+    fp32 values ``apply_lrpe`` forms (positions.float() * theta.float(), rounded once) and the gradient d/dtheta =
+    p of the exact product."""
+    q, k, v, u = qkvu_silu(x, H, d, backend="torch")
+    th = theta.view(H, d)
+    p = positions.view(-1, *[1] * (x.dim() - 2), 1, 1)  # [s, 1.., 1, 1]
+    t32 = (p.float() * th.detach().float()).double()
+    t = t32 + p.double() * (th - th.detach())
+    q, k = (torch.cat([a * torch.cos(t), a * torch.sin(t)], -1) for a in (q, k))
+    return q, k, v, u
+
+
+def lrpe_grads(fn, x: torch.Tensor, theta: torch.Tensor, dys: list[torch.Tensor | None], theta_grad: bool = True):
+    """fn(x leaf, theta leaf) -> (q, k, v, u); backward with dys (None: unused) -> (outputs, dx, dtheta)."""
+    xl = x.detach().clone().requires_grad_()
+    th = theta.detach().clone().requires_grad_(theta_grad)
+    outs = fn(xl, th)
+    used = [(o, dy) for o, dy in zip(outs, dys, strict=True) if dy is not None]
+    torch.autograd.backward([o for o, _ in used], [dy.to(o.dtype) for o, dy in used])
+    return outs, xl.grad, th.grad
+
+
+LRPE_INTERPRET = [
+    # s, b, H, d, dtype, theta dtype, used, packed starts, theta grad, TILE (elements per program)
+    (37, 2, 3, 8, F32, F32, ALL_GRADS, (9, 20), True, 256),  # L 24: masked columns and last position block
+    (13, 1, 2, 16, F32, F32, ALL_GRADS, (), True, 4096),  # the default tiles: one position block
+    (12, 2, 2, 8, F32, F32, (True, False, False, True), (5,), True, 32),  # absent dk, dv: zeros
+    (12, 2, 2, 8, F32, F32, (False, True, True, False), (), True, 32),  # dtheta from k alone
+    (10, 2, 2, 8, F32, F32, ALL_GRADS, (), False, 32),  # theta without a gradient
+    (9, 2, 2, 16, BF16, BF16, ALL_GRADS, (4,), True, 4096),  # bf16 params: theta bf16
+]
+LRPE_CUDA = [
+    (2048, 8, 16, 128, BF16, F32, ALL_GRADS, (), True, None),  # tnl-1b: 16384 tokens, H 16, d 128
+    (4096, 1, 16, 128, BF16, BF16, ALL_GRADS, (1000, 3000), True, None),  # tnl-7b TP = 2, packed, bf16 params
+    (16384, 1, 4, 128, F32, F32, ALL_GRADS, (), True, None),  # fp32, angles up to 16383 rad
+    (1000, 2, 4, 96, F32, F32, (False, True, False, True), (300,), True, None),
+]
+
+
 @TRITON
-def test_qkvu_silu_with_lrpe_and_attention_layout():
-    """The token mixer's use on an LRPE layer: LRPE on SiLU(q), SiLU(k), the [b, s] transposes the attention
-    kernels read, and a zero-stride gradient for u (u.sum()); the qkvu gradient matches fp64."""
+@pytest.mark.parametrize(
+    "s,b,H,d,dtype,theta_dtype,used,starts,theta_grad,tile", cases(interpret=LRPE_INTERPRET, cuda=LRPE_CUDA)
+)
+def test_qkvu_silu_lrpe_matches_fp64(s, b, H, d, dtype, theta_dtype, used, starts, theta_grad, tile, monkeypatch):
+    """q' = [SiLU(q) cos | SiLU(q) sin], k', v, u, the one qkvu gradient and theta's gradient against the fp64
+    oracle, packed-sequence positions restarting; outputs without a gradient count as zero; q', k' contiguous
+    [s, b, H, 2d]. The interpreter shrinks the tiles so that theta's gradient sums over many programs' partial
+    sums and the last position block is masked."""
+    if tile is not None:
+        monkeypatch.setattr(fused, "TILE", tile)
+    L = H * d
+    x = randn(s, b, 4 * L, dtype=dtype, seed=21)
+    theta = lrpe_theta_init(H, d).to(DEVICE, theta_dtype)
+    positions = lrpe_positions(s, starts)
+    dys = [randn(s, b, H, 2 * d, dtype=dtype, seed=22 + i) for i in range(2)]
+    dys += [randn(s, b, H, d, dtype=dtype, seed=24), randn(s, b, L, dtype=dtype, seed=25)]
+    dys = [dy if u else None for dy, u in zip(dys, used, strict=True)]
+
+    def fused_op(t, th):
+        return qkvu_silu(t, H, d, theta=th, positions=positions, backend="triton")
+
+    outs, dx, dtheta = lrpe_grads(fused_op, x, theta, dys, theta_grad)
+    ref_dys = [None if g is None else g.double() for g in dys]
+    refs, rdx, rdtheta = lrpe_grads(
+        lambda t, th: lrpe_fp64(t, H, d, th, positions), x.double(), theta.double(), ref_dys
+    )
+    for name, a, r in zip("qkvu", outs, refs, strict=True):
+        assert_close(name, a, r, TOL[dtype])
+    assert outs[0].is_contiguous() and outs[1].is_contiguous() and outs[0].shape == (s, b, H, 2 * d)
+    assert_close("dqkvu", dx, rdx, TOL[dtype])
+    if theta_grad:
+        assert dtheta.dtype == theta_dtype
+        assert_close("dtheta", dtheta, rdtheta, 2e-5 if theta_dtype == F32 else TOL[BF16])
+    else:
+        assert dtheta is None
+
+
+@TRITON
+def test_qkvu_silu_lrpe_in_attention_layout():
+    """The token mixer's use on an LRPE layer: the [b, s] transposes the attention kernels read, part of q' used
+    twice and a zero-stride gradient for u (u.sum()); the qkvu and theta gradients match fp64."""
     s, b, H, d = 6, 2, 2, 8
     x = randn(s, b, 4 * H * d, dtype=F32, seed=12)
     theta = lrpe_theta_init(H, d).to(DEVICE)
-    positions = torch.arange(s, device=DEVICE)[:, None]
+    positions = lrpe_positions(s, (4,))
     w = randn(b, s, H, 2 * d, dtype=F32, seed=13)
 
-    def mixer_input(t, be):
-        q, k, v, u = qkvu_silu(t, H, d, backend=be)
-        q, k = apply_lrpe(q, theta, positions), apply_lrpe(k, theta, positions)
+    def mixer_input(q, k, v, u):
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        return ((qt * w.to(t.dtype)).sum() + (kt * kt).sum() + (vt * qt[..., :d]).sum() + u.sum(),)
+        return ((qt * w.to(q.dtype)).sum() + (kt * kt).sum() + (vt * qt[..., :d]).sum() + u.sum(),)
 
     one = torch.ones((), device=DEVICE)
-    _, dx = grads_of(lambda t: mixer_input(t, "triton"), x, [one])
-    _, rdx = grads_of(lambda t: mixer_input(t, "torch"), x.double(), [one.double()])
+    _, dx, dtheta = lrpe_grads(
+        lambda t, th: mixer_input(*qkvu_silu(t, H, d, theta=th, positions=positions, backend="triton")),
+        x,
+        theta,
+        [one],
+    )
+    _, rdx, rdtheta = lrpe_grads(
+        lambda t, th: mixer_input(*lrpe_fp64(t, H, d, th, positions)), x.double(), theta.double(), [one.double()]
+    )
     assert_close("dqkvu", dx, rdx, TOL[F32])
+    assert_close("dtheta", dtheta, rdtheta, 2e-5)
+
+
+def test_qkvu_silu_lrpe_torch_backend_is_the_mixers_former_path():
+    """The PyTorch path with LRPE is the mixer's former code (SiLU, then ``apply_lrpe`` with positions [s, 1]),
+    forward and backward (qkvu and theta), bit for bit; a theta or positions that do not fit are refused."""
+    s, b, H, d = 7, 2, 3, 4
+    x = randn(s, b, 4 * H * d, dtype=BF16, seed=26, device="cpu")
+    theta = lrpe_theta_init(H, d).to(BF16)
+    positions = TokenMixer._positions(s, torch.tensor([0, 3, s]), torch.device("cpu"))
+    dys = [randn(s, b, H, 2 * d, dtype=BF16, seed=27 + i, device="cpu") for i in range(2)]
+    dys += [randn(s, b, H, d, dtype=BF16, seed=29, device="cpu"), randn(s, b, H * d, dtype=BF16, seed=30, device="cpu")]
+
+    def former(t, th):
+        q, k, v, u = qkvu_silu(t, H, d, backend="torch")
+        return apply_lrpe(q, th, positions[:, None]), apply_lrpe(k, th, positions[:, None]), v, u
+
+    outs, dx, dtheta = lrpe_grads(
+        lambda t, th: qkvu_silu(t, H, d, theta=th, positions=positions, backend="torch"), x, theta, dys
+    )
+    refs, rdx, rdtheta = lrpe_grads(former, x, theta, dys)
+    assert all(torch.equal(a, r) for a, r in zip(outs, refs, strict=True))
+    assert torch.equal(dx, rdx) and torch.equal(dtheta, rdtheta)
+    with pytest.raises(ValueError, match="both theta and positions"):
+        qkvu_silu(x, H, d, theta=theta)
+    with pytest.raises(ValueError, match=r"positions must be integers of shape \[s\]"):
+        qkvu_silu(x, H, d, theta=theta, positions=positions[:-1])
+    with pytest.raises(ValueError, match=r"theta must be \[heads, 1, head_dim\] = \[3, 1, 4\]"):
+        qkvu_silu(x, H, d, theta=theta[:2], positions=positions)
 
 
 def test_qkvu_silu_torch_backend_is_the_mixers_split():
@@ -244,9 +370,10 @@ def test_bench_fusion_smoke(tmp_path, monkeypatch):
     bench_fusion.main()
     rows = json.loads((tmp_path / "bench_fusion.json").read_text())["shapes"][0]["rows"]
     assert {(r["op"], r["case"], r["mode"]) for r in rows} == {
-        (op, case, mode) for op in ("glu", "qkvu") for case in ("old", "fused") for mode in ("fwd", "fwd+bwd")
+        (op, case, mode) for op in ("glu", "qkvu", "lrpe") for case in ("old", "fused") for mode in ("fwd", "fwd+bwd")
     }
-    assert "| smoke (1) | qkvu | 16 x 32 | fused |" in (tmp_path / "bench_fusion.md").read_text()
+    md = (tmp_path / "bench_fusion.md").read_text()
+    assert "| smoke (1) | qkvu | 16 x 32 | fused |" in md and "| smoke (1) | lrpe | 16 x 32 | fused |" in md
 
 
 def _layers_worker(rank, world, out):
@@ -275,8 +402,8 @@ def _layers_worker(rank, world, out):
 
 @pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
 def test_layers_run_the_fused_ops(tmp_path):
-    """The TNL layers (SGLU, the token mixer with and without LRPE) with the Triton ops give the loss and every
-    parameter gradient of the PyTorch ops."""
+    """The TNL layers (SGLU, the token mixer with and without LRPE) with the Triton ops (LRPE fused into the qkvu
+    split on layer 0) give the loss and every parameter gradient of the PyTorch ops, lrpe_theta's included."""
     from tests.distributed import run_distributed
 
     run_distributed(_layers_worker, 1, tmp_path)
@@ -284,5 +411,6 @@ def test_layers_run_the_fused_ops(tmp_path):
     (loss, grads), (ref_loss, ref_grads) = results["triton"], results["torch"]
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
     assert grads.keys() == ref_grads.keys() and any("qkvu" in n for n in grads) and any("fc1" in n for n in grads)
+    assert [n for n in grads if "lrpe_theta" in n] == ["decoder.layers.0.self_attention.lrpe_theta"]
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 1e-5, name

@@ -3,7 +3,7 @@
 Per layer (docs/model.md §1), on TP-local heads:
     [q|k|v|u] = x W_qkvu            column-parallel by head; this rank holds [q_r; k_r; v_r; u_r]
     q, k = SiLU(q), SiLU(k)         fused with the split (ops.qkvu); LRPE on the preset's LRPE layers
-                                    (q, k head dim doubles)
+                                    (q, k head dim doubles), fused with it too at CP = 1
     o = lightning_attention(q, k, v, slope of this layer's heads)
     o = SRMSNorm(o over all D channels, across TP ranks) * u
     out = o W_out                   row-parallel (all-reduce, or reduce-scatter under SP)
@@ -11,7 +11,8 @@ Per layer (docs/model.md §1), on TP-local heads:
 Context parallelism (CP) follows Megatron's GatedDeltaNet: the rank holds a zig-zag share of the sequence;
 an all-to-all trades it for the whole sequence, in natural order, of 1/CP of its heads (so the decay, LRPE
 positions and kernel need no rank arithmetic), and a second one trades the attention output back. The gate
-u and the norm stay in the sequence-sharded layout, where the norm only spans TP.
+u and the norm stay in the sequence-sharded layout, where the norm only spans TP. Because the all-to-all
+regroups q, k, v by head before SiLU and LRPE, CP > 1 runs them unfused (F.silu, ops.lrpe.apply_lrpe) after it.
 """
 
 from __future__ import annotations
@@ -166,19 +167,22 @@ class TokenMixer(MegatronModule):
                 raise NotImplementedError("packed (THD) sequences with context parallelism are not supported")
             cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.int64)
         if self.cp_group.size() == 1:
-            # one pass for both SiLUs, and one for the whole qkvu gradient (v, u: views of qkvu)
-            q, k, v, u = qkvu_silu(qkvu, self.heads_attn, self.head_dim)  # [s, b, h, d] x 3, [s, b, D / tp]
-        else:  # the all-to-all regroups q, k, v by head first, so SiLU runs after it, unfused
+            # one pass for both SiLUs (and LRPE), one for the whole qkvu gradient (v, u: views of qkvu)
+            lrpe = {}
+            if self.use_lrpe:  # this rank's heads' theta [h, 1, d]; positions [s]
+                lrpe = {"theta": self.lrpe_theta, "positions": self._positions(qkvu.shape[0], cu_seqlens, qkvu.device)}
+            q, k, v, u = qkvu_silu(qkvu, self.heads_attn, self.head_dim, **lrpe)  # [s, b, h, d or 2d] x 3, [s, b, D/tp]
+        else:  # the all-to-all regroups q, k, v by head first, so SiLU and LRPE run after it, unfused
             qkv = tensor_a2a_cp2hp(qkvu[..., : 3 * local], 0, -1, self.cp_group, split_sections=[local] * 3)
             q, k, v = qkv.view(qkv.shape[0], b, 3, self.heads_attn, self.head_dim).unbind(2)  # views
             q, k = F.silu(q), F.silu(k)
             u = qkvu[..., 3 * local :]
+            if self.use_lrpe:
+                positions = self._positions(q.shape[0], cu_seqlens, q.device)[:, None]  # [seq, 1]
+                theta = get_parameter_local_cp(self.lrpe_theta, 0, self.cp_group)  # [heads_attn, 1, d]
+                q = apply_lrpe(q, theta, positions)
+                k = apply_lrpe(k, theta, positions)
         seq = q.shape[0]  # the whole sequence under CP
-        if self.use_lrpe:
-            positions = self._positions(seq, cu_seqlens, q.device)[:, None]  # [seq, 1]
-            theta = get_parameter_local_cp(self.lrpe_theta, 0, self.cp_group)  # [heads_attn, 1, d]
-            q = apply_lrpe(q, theta, positions)
-            k = apply_lrpe(k, theta, positions)
         o, _ = lightning_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), self._slope(q.device), cu_seqlens=cu_seqlens
         )  # [b, seq, h, d]
