@@ -115,7 +115,10 @@ def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False, softmax
     # q and k; and per sequence position the fp32 angle, cos and sin [seq, heads, head_dim] of each call,
     # 24 D, shared by the micro-batch. That derivation, 12 D + 24 D / MBS, is 12 % below the measurement at
     # tnl-1b (MBS 8: 17.0 D measured); the fit to both measurements (tnl-1b MBS 8: 17.0 D, tnl-7b MBS 1:
-    # 36.5 D; bench_layer.py, one H200, 2026-12-01) is used instead, within 1.5 % of each.
+    # 36.5 D; bench_layer.py, one H200, 2026-12-01) is used instead, within 1.5 % of each. It describes the
+    # PyTorch LRPE, which context parallelism (CP > 1) still runs; at CP = 1 the fused split (ops/qkvu) keeps no
+    # fp32 copies or angle tables, only the doubled q', k' (~4 D more), so this over-plans that one layer until
+    # the fused path is measured.
     lrpe_extra = 14 * D + 22 * D / mbs if lrpe else 0
     return 20 * D + lrpe_extra + sglu
 
