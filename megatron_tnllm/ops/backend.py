@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "INTERPRET", "POISON_OUTPUTS", "check_triton_device", "poison", "resolve_backend"]
+__all__ = ["BACKENDS", "INTERPRET", "POISON_OUTPUTS", "as_rows", "check_triton_device", "poison", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,3 +43,10 @@ def poison(t: torch.Tensor | None) -> torch.Tensor | None:
     if POISON_OUTPUTS and t is not None:
         t.fill_(float("nan"))
     return t
+
+
+def as_rows(t: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """t [..., W] (or any shape whose trailing dims make ``width``) as [M, W] rows with a unit column stride,
+    the layout the Triton wrappers read through a row stride: a view when the rows collapse, else one copy."""
+    t2 = t.reshape(-1, t.shape[-1] if width is None else width)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_tnllm.ops.backend import check_triton_device, poison
+from megatron_tnllm.ops.backend import as_rows, check_triton_device, poison
 
 __all__ = ["glu_product_triton"]
 
@@ -48,12 +48,6 @@ def _bwd_kernel(x, dy, dx, M, F, s_x, s_dy, s_dx, BM: tl.constexpr, BN: tl.const
     tl.store(dx + rows * s_dx + F + cols, (b_dy * b_a).to(dx.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., W] -> [M, W] with a unit column stride (a view when the rows collapse, else a copy)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _tiles(M: int, F: int) -> tuple[tuple[int, int], dict]:
     """Grid and tile sizes: 1024-column tiles (fewer for a narrow F), ~4096 elements per program."""
     BN = min(1024, triton.next_power_of_2(max(F, 1)))
@@ -65,7 +59,7 @@ class _GluProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         shape, F = x.shape, x.shape[-1] // 2
-        x2 = _rows(x)
+        x2 = as_rows(x)
         M = x2.shape[0]
         y = poison(torch.empty(M, F, dtype=x.dtype, device=x.device))
         if M and F:
@@ -79,7 +73,7 @@ class _GluProduct(torch.autograd.Function):
     def backward(ctx, dy):
         (x2,) = ctx.saved_tensors
         M, F = x2.shape[0], x2.shape[1] // 2
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = poison(torch.empty(M, 2 * F, dtype=x2.dtype, device=x2.device))
         if M and F:
             grid, meta = _tiles(M, F)

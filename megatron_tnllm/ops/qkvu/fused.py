@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_tnllm.ops.backend import check_triton_device, poison
+from megatron_tnllm.ops.backend import as_rows, check_triton_device, poison
 
 __all__ = ["TILE", "qkvu_silu_triton"]
 
@@ -185,12 +185,6 @@ def _bwd_lrpe_kernel(
             tl.store(dx + rows * s_dx + (part + 1) * L + cols, b_g.to(dx.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., (H, d)] -> [M, width] with a unit column stride (a view when the rows collapse, else a copy)."""
-    t2 = t.reshape(-1, width)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _tiles(M: int, L: int, sections: int) -> tuple[tuple[int, int, int], dict]:
     """Grid and tile sizes: 1024-column tiles (fewer for a narrow L), TILE elements per program."""
     BN = min(1024, triton.next_power_of_2(max(L, 1)))
@@ -212,7 +206,7 @@ class _QkvuSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkvu, heads, head_dim, theta, positions):
         lead, L = qkvu.shape[:-1], heads * head_dim
-        x2 = _rows(qkvu, 4 * L)
+        x2 = as_rows(qkvu, 4 * L)
         M = x2.shape[0]
         if theta is None:
             qk = poison(torch.empty(2, M, L, dtype=qkvu.dtype, device=qkvu.device))
@@ -244,7 +238,7 @@ class _QkvuSilu(torch.autograd.Function):
         shape, L, head_dim = ctx.meta
         M = x2.shape[0]
         widths = (2 * L if lrpe else L,) * 2 + (L, L)
-        grads = [None if g is None else _rows(g, w) for g, w in zip((dq, dk, dv, du), widths, strict=True)]
+        grads = [None if g is None else as_rows(g, w) for g, w in zip((dq, dk, dv, du), widths, strict=True)]
         ptrs = [x2 if g is None else g for g in grads]  # any tensor stands in for an absent gradient
         strides = [0 if g is None else g.stride(0) for g in grads]
         has = {"HAS_DQ": dq is not None, "HAS_DK": dk is not None, "HAS_DV": dv is not None, "HAS_DU": du is not None}

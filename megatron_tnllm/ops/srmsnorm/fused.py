@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_tnllm.ops.backend import check_triton_device, poison
+from megatron_tnllm.ops.backend import as_rows, check_triton_device, poison
 
 __all__ = ["MAX_D", "norm_gate_rstd_triton", "srmsnorm_gate_triton", "srmsnorm_triton", "sum_of_squares_triton"]
 
@@ -101,12 +101,6 @@ def _sum_squares_kernel(x, s, M, s_x, D: tl.constexpr, BD: tl.constexpr, ROWS: t
     tl.store(s + rows, tl.sum(b_x * b_x, axis=1), mask=m_r)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t [..., D] as [M, D] with unit column stride: a view when the rows allow it, else one copy."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 @lru_cache(maxsize=256)
 def _config(M: int, D: int) -> tuple[int, int, int, int]:
     """(grid, BD, ROWS, num_warps) for M rows of width D (plain Python and cached: this runs on every call)."""
@@ -145,7 +139,7 @@ def _forward(
 class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, u, rstd, eps):
-        x2, u2 = _rows(x), (None if u is None else _rows(u))
+        x2, u2 = as_rows(x), (None if u is None else as_rows(u))
         r_in = None if rstd is None else rstd.reshape(-1).float().contiguous()
         y, r = _forward(x2, u2, r_in, eps, True, x.shape)
         ctx.save_for_backward(x2, u2, r)
@@ -157,7 +151,7 @@ class _NormFunction(torch.autograd.Function):
         x2, u2, r = ctx.saved_tensors
         shape, rstd_dtype = ctx.meta
         M, D = x2.shape
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         dx = _empty(shape, x2)
         du = None if u2 is None else _empty(shape, u2)
         dr = None if rstd_dtype is None else _empty(shape[:-1], x2, torch.float32)
@@ -183,7 +177,7 @@ def _sum_squares(x2: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class _SumSquaresFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x2 = _rows(x)
+        x2 = as_rows(x)
         ctx.save_for_backward(x2)
         ctx.shape = x.shape
         return _sum_squares(x2, x.shape)
@@ -209,7 +203,7 @@ def _norm(x: torch.Tensor, u: torch.Tensor | None, rstd: torch.Tensor | None, ep
     if _needs_grad(x, u, rstd):
         return _NormFunction.apply(x, u, rstd, eps)
     r_in = None if rstd is None else rstd.reshape(-1).float().contiguous()
-    return _forward(_rows(x), None if u is None else _rows(u), r_in, eps, False, x.shape)[0]
+    return _forward(as_rows(x), None if u is None else as_rows(u), r_in, eps, False, x.shape)[0]
 
 
 def srmsnorm_triton(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -230,4 +224,4 @@ def norm_gate_rstd_triton(x: torch.Tensor, u: torch.Tensor, rstd: torch.Tensor) 
 def sum_of_squares_triton(x: torch.Tensor) -> torch.Tensor:
     """x [..., D] -> sum(x^2, -1) [...] in fp32, differentiable (dx = 2 x ds, in x's dtype)."""
     _check_input(x)
-    return _SumSquaresFunction.apply(x) if _needs_grad(x) else _sum_squares(_rows(x), x.shape)
+    return _SumSquaresFunction.apply(x) if _needs_grad(x) else _sum_squares(as_rows(x), x.shape)
