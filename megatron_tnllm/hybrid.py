@@ -11,7 +11,7 @@ SGLU, residuals, the embedding scale on layer 1) is TNL's.
 
 The ``--spec megatron_tnllm.specs NAME`` callables of the hybrids (``tnl_tiny_hybrid`` ... ``tnl_175b_hybrid``,
 ``tnl_hybrid``) are rows of :data:`megatron_tnllm.spec_table.SPECS`, built by :mod:`megatron_tnllm.specs` with
-:func:`hybrid_block_spec`.
+:func:`megatron_tnllm.specs.hybrid_block_spec` from :func:`hybrid_layer_spec`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ import dataclasses
 
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_tnllm.layers.softmax_attention import SoftmaxAttention, SoftmaxAttentionSubmodules
 
-__all__ = ["SOFTMAX_ATTENTION", "MixerByLayer", "hybrid_block_spec", "hybrid_layer_spec"]
+__all__ = ["SOFTMAX_ATTENTION", "MixerByLayer", "hybrid_layer_spec"]
 
 SOFTMAX_ATTENTION = ModuleSpec(module=SoftmaxAttention, submodules=SoftmaxAttentionSubmodules())
 
@@ -65,31 +64,3 @@ def hybrid_layer_spec(layer: ModuleSpec, softmax_layers: tuple[int, ...]) -> Mod
         },
     )
     return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=mixer))
-
-
-def hybrid_block_spec(
-    config,
-    vp_stage: int | None = None,
-    *,
-    softmax_layers: tuple[int, ...],
-    lrpe_layers: tuple[int, ...] = (0,),
-    embedding_scale: float = 1.0,
-) -> TransformerBlockSubmodules:
-    """The decoder block of this pipeline (and virtual pipeline) stage, softmax attention on ``softmax_layers``.
-
-    ``config`` as for :func:`megatron_tnllm.specs.tnl_block_spec`; with no softmax layers this is that block.
-    """
-    # Imported here: megatron_tnllm.specs imports this module.
-    from megatron_tnllm.specs import tnl_block_spec
-
-    tcfg = getattr(config, "transformer", config)
-    bad = [i for i in softmax_layers if not 0 <= i < tcfg.num_layers]
-    if bad:
-        raise ValueError(f"softmax layers {bad} outside 0..{tcfg.num_layers - 1}")
-    both = sorted(set(softmax_layers) & set(lrpe_layers))
-    if both:
-        raise ValueError(f"layers {both} are both LRPE and softmax layers; expected disjoint sets")
-    block = tnl_block_spec(config, vp_stage, lrpe_layers=lrpe_layers, embedding_scale=embedding_scale)
-    if softmax_layers:
-        block.layer_specs = [hybrid_layer_spec(spec, softmax_layers) for spec in block.layer_specs]
-    return block

@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_tnllm.configs import TNLConfig, get_preset
-from megatron_tnllm.hybrid import hybrid_block_spec
+from megatron_tnllm.specs import hybrid_block_spec
 
 __all__ = ["build_model", "resolve_config"]
 

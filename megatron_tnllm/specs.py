@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_tnllm.configs import TNLConfig
-from megatron_tnllm.hybrid import hybrid_block_spec
+from megatron_tnllm.hybrid import hybrid_layer_spec
 from megatron_tnllm.layers.norms import SRMSNorm
 from megatron_tnllm.layers.sglu import SGLU
 from megatron_tnllm.layers.token_mixer import TokenMixer, TokenMixerSubmodules
@@ -35,6 +35,7 @@ from megatron_tnllm.layers.transformer_layer import TNLTransformerLayer
 from megatron_tnllm.spec_table import SPECS, SpecInfo
 
 __all__ = [
+    "hybrid_block_spec",
     "tnl",
     "tnl_13b",
     "tnl_13b_hybrid",
@@ -117,6 +118,31 @@ def _check_shape(preset: TNLConfig, tcfg) -> None:
     ]
     if wrong:
         raise ValueError(f"spec {preset.spec_name} is preset {preset.name}, which needs " + ", ".join(wrong))
+
+
+def hybrid_block_spec(
+    config,
+    vp_stage: int | None = None,
+    *,
+    softmax_layers: tuple[int, ...],
+    lrpe_layers: tuple[int, ...] = (0,),
+    embedding_scale: float = 1.0,
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline (and virtual pipeline) stage, softmax attention on ``softmax_layers``.
+
+    ``config`` as for :func:`tnl_block_spec`; with no softmax layers this is that block.
+    """
+    tcfg = getattr(config, "transformer", config)
+    bad = [i for i in softmax_layers if not 0 <= i < tcfg.num_layers]
+    if bad:
+        raise ValueError(f"softmax layers {bad} outside 0..{tcfg.num_layers - 1}")
+    both = sorted(set(softmax_layers) & set(lrpe_layers))
+    if both:
+        raise ValueError(f"layers {both} are both LRPE and softmax layers; expected disjoint sets")
+    block = tnl_block_spec(config, vp_stage, lrpe_layers=lrpe_layers, embedding_scale=embedding_scale)
+    if softmax_layers:
+        block.layer_specs = [hybrid_layer_spec(spec, softmax_layers) for spec in block.layer_specs]
+    return block
 
 
 def _block_spec(info: SpecInfo):

@@ -21,13 +21,18 @@ from megatron_tnllm.convert import ConversionError, hf_to_megatron, megatron_to_
 from megatron_tnllm.convert.layout import to_megatron
 from megatron_tnllm.convert.megatron_format import (
     TRACKER,
-    common_state_key,
     megatron_args,
     merge_dcp_parts,
     save_dcp_part,
     write_checkpoint_metadata,
 )
-from megatron_tnllm.convert.safe_load import SafeFileSystemReader, read_dcp_metadata, read_dcp_objects, safe_torch_load
+from megatron_tnllm.convert.safe_load import (
+    SafeFileSystemReader,
+    common_state_key,
+    read_dcp_metadata,
+    read_dcp_objects,
+    safe_torch_load,
+)
 from tests.hf_helpers import TINY, hf_tensors, tiny_model
 
 SMALL = TINY.replace(num_layers=2, lrpe_layers=(0,))

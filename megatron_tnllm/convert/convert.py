@@ -28,7 +28,6 @@ from megatron_tnllm.convert.megatron_format import (
     CHECKPOINT_VERSION,
     CONTENT_METADATA,
     MegatronDistCheckpoint,
-    common_state_key,
     megatron_args,
     merge_dcp_parts,
     open_checkpoint,
@@ -37,6 +36,7 @@ from megatron_tnllm.convert.megatron_format import (
     tokenizer_pieces,
     write_checkpoint_metadata,
 )
+from megatron_tnllm.convert.safe_load import common_state_key
 from megatron_tnllm.convert.staging import staged_output
 from megatron_tnllm.hf.export import write_export_files
 

@@ -54,13 +54,6 @@ _LEGACY_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 _LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
-def common_state_key() -> str:
-    """DCP key of the object holding Megatron's non-tensor state ("common_state/shard_0_1")."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("common_state", None, (1,), (0,)).unique_key
-
-
 # ---------------------------------------------------------------------------------------------- locating
 
 

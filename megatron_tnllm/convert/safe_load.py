@@ -147,11 +147,16 @@ def read_dcp_objects(directory: Path, metadata: Metadata) -> dict[str, object]:
     return {key: safe_torch_load(raw[key], f"{directory}/.metadata entry {key!r}") for key in keys}
 
 
+def common_state_key() -> str:
+    """DCP key of the object holding Megatron's non-tensor state ("common_state/shard_0_1")."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("common_state", None, (1,), (0,)).unique_key
+
+
 def read_common_state(directory: Path, metadata: Metadata) -> dict:
     """Megatron's common state (args, iteration, ...): ``common.pt`` (older checkpoints) or the ``common_state``
     object; every object of the checkpoint is checked on the way (:func:`read_dcp_objects`)."""
-    from megatron_tnllm.convert.megatron_format import common_state_key
-
     directory = Path(directory)
     objects = read_dcp_objects(directory, metadata)
     if (directory / "common.pt").is_file():
