@@ -1,8 +1,8 @@
-"""TransNormerLLM layers as Megatron-Core modules (token_mixer, sglu, norms, transformer_layer) and the
-Megatron-free math they share with the Hugging Face model (decay, lrpe).
+"""TransNormerLLM layers as Megatron-Core modules: token_mixer, softmax_attention (hybrids; both built on
+head_parallel), sglu, norms, transformer_layer. The Megatron-free math they share with the Hugging Face model
+(decay, lrpe) is in ``megatron_tnllm.ops``.
 
-Import from the submodules: this package imports nothing itself, so that ``decay`` and ``lrpe`` load
-without megatron-core.
+Import from the submodules: this package imports nothing itself.
 
 Megatron-Core privates relied on (megatron-core 0.19.2; everything else is its public API):
 

@@ -29,8 +29,9 @@ from megatron.core.ssm.gated_delta_net import tensor_a2a_cp2hp, tensor_a2a_hp2cp
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_tnllm.layers.head_parallel import HeadParallelMixer
 
 QKV_SECTIONS = ("query", "key", "value")
 
@@ -43,7 +44,7 @@ class SoftmaxAttentionSubmodules:
     out_proj: ModuleSpec | type = RowParallelLinear
 
 
-class SoftmaxAttention(MegatronModule):
+class SoftmaxAttention(HeadParallelMixer):
     """Multi-head causal softmax attention; plugs into ``TransformerLayerSubmodules.self_attention``.
 
     Args:
@@ -62,48 +63,9 @@ class SoftmaxAttention(MegatronModule):
         name: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
-        tp_size, cp_size = self.tp_group.size(), self.cp_group.size()
-        heads = config.num_attention_heads
-        if heads % (tp_size * cp_size):
-            raise ValueError(
-                f"num_attention_heads {heads} is not divisible by tensor x context parallel {tp_size} x {cp_size}"
-            )
-        self.head_dim = config.kv_channels or config.hidden_size // heads
-        self.width = heads * self.head_dim
-        self.heads_local = heads // tp_size
-        self.heads_attn = self.heads_local // cp_size  # heads this rank attends over, after the CP all-to-all
-
-        self.qkv_proj = build_module(
-            submodules.qkv_proj,
-            config.hidden_size,
-            3 * self.width,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="qkv",
-            tp_group=self.tp_group,
-            name=f"{name}.qkv_proj" if name else None,
-        )
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.width,
-            config.hidden_size,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="proj",
-            tp_group=self.tp_group,
-            name=f"{name}.out_proj" if name else None,
+        super().__init__(config, pg_collection)
+        self.qkv_proj, self.out_proj = self._build_projections(
+            submodules.qkv_proj, submodules.out_proj, len(QKV_SECTIONS), "qkv_proj", name
         )
 
     def forward(
@@ -119,16 +81,10 @@ class SoftmaxAttention(MegatronModule):
         The attention mask is ignored (the layer is causal by construction); packed THD batches attend
         within each ``packed_seq_params.cu_seqlens_q`` segment only.
         """
-        if inference_context is not None:
-            raise NotImplementedError("Megatron inference is not supported; generate with megatron_tnllm.hf")
+        cu_seqlens = self._packed_cu_seqlens(inference_context, packed_seq_params)
         qkv, _ = self.qkv_proj(hidden_states)  # [s, b, 3 * D / tp] (s: this CP rank's tokens)
         b = qkv.shape[1]
         local = self.heads_local * self.head_dim
-        cu_seqlens = None
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            if self.cp_group.size() > 1:
-                raise NotImplementedError("packed (THD) sequences with context parallelism are not supported")
-            cu_seqlens = packed_seq_params.cu_seqlens_q
         qkv = tensor_a2a_cp2hp(qkv, 0, -1, self.cp_group, split_sections=[local] * 3)
         seq = qkv.shape[0]  # the whole sequence under CP
         q, k, v = qkv.view(seq, b, 3, self.heads_attn, self.head_dim).permute(2, 1, 3, 0, 4)  # [b, h, seq, d] each

@@ -28,14 +28,14 @@ from megatron.core.ssm.gated_delta_net import get_parameter_local_cp, tensor_a2a
 from megatron.core.ssm.utils import _split_tensor_factory
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
     sharded_state_dict_default,
 )
 
+from megatron_tnllm.layers.head_parallel import HeadParallelMixer
 from megatron_tnllm.layers.norms import rstd_across_tp
 from megatron_tnllm.ops import lightning_attention, norm_gate_rstd, srmsnorm_gate
 from megatron_tnllm.ops.decay import layer_slopes
@@ -53,7 +53,7 @@ class TokenMixerSubmodules:
     out_proj: ModuleSpec | type = RowParallelLinear
 
 
-class TokenMixer(MegatronModule):
+class TokenMixer(HeadParallelMixer):
     """TNL gated linear attention; plugs into ``TransformerLayerSubmodules.self_attention``.
 
     Args:
@@ -75,45 +75,20 @@ class TokenMixer(MegatronModule):
         name: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(config)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
-        tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
-        cp_size = self.cp_group.size()
+        super().__init__(config, pg_collection)
         heads = config.num_attention_heads
-        if heads % (tp_size * cp_size):
-            raise ValueError(
-                f"num_attention_heads {heads} is not divisible by tensor x context parallel {tp_size} x {cp_size}"
-            )
-        self.head_dim = config.kv_channels or config.hidden_size // heads
-        self.width = heads * self.head_dim
         if self.width != config.hidden_size:
             raise ValueError(
                 f"TNL needs heads * kv_channels == hidden_size; got {heads} * {self.head_dim} != {config.hidden_size}"
             )
-        self.heads_local = heads // tp_size
-        self.heads_attn = self.heads_local // cp_size  # heads this rank attends over, after the CP all-to-all
         self.layer_index = layer_number - 1
-        first_head = tp_rank * self.heads_local
+        first_head = self.tp_group.rank() * self.heads_local
         tp_slopes = layer_slopes(heads, self.layer_index, config.num_layers)[first_head : first_head + self.heads_local]
         # [heads_attn] fp32, kept out of the module's buffers so that bf16 conversion never rounds the decay.
         self.slopes = get_parameter_local_cp(torch.tensor(tp_slopes, dtype=torch.float32), 0, self.cp_group)
         self.eps = config.layernorm_epsilon
-
-        self.qkvu_proj = build_module(
-            submodules.qkvu_proj,
-            config.hidden_size,
-            4 * self.width,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="qkv",
-            tp_group=self.tp_group,
-            name=f"{name}.qkvu_proj" if name else None,
+        self.qkvu_proj, self.out_proj = self._build_projections(
+            submodules.qkvu_proj, submodules.out_proj, len(QKVU_SECTIONS), "qkvu_proj", name
         )
         self.use_lrpe = self.layer_index in lrpe_layers
         if self.use_lrpe:
@@ -123,20 +98,6 @@ class TokenMixer(MegatronModule):
             self.lrpe_theta.tensor_model_parallel = True
             self.lrpe_theta.partition_dim = 0
             self.lrpe_theta.partition_stride = 1
-        self.out_proj = build_module(
-            submodules.out_proj,
-            self.width,
-            config.hidden_size,
-            config=config,
-            init_method=config.output_layer_init_method,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=True,
-            is_expert=False,
-            tp_comm_buffer_name="proj",
-            tp_group=self.tp_group,
-            name=f"{name}.out_proj" if name else None,
-        )
 
     def _slope(self, device: torch.device) -> torch.Tensor:
         if self.slopes.device != device:
@@ -156,16 +117,12 @@ class TokenMixer(MegatronModule):
         The attention mask is ignored (the mixer is causal by construction); packed THD batches
         reset the state at each ``packed_seq_params.cu_seqlens_q`` boundary.
         """
-        if inference_context is not None:
-            raise NotImplementedError("Megatron inference is not supported; generate with megatron_tnllm.hf")
+        cu_seqlens = self._packed_cu_seqlens(inference_context, packed_seq_params)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.int64)
         qkvu, _ = self.qkvu_proj(hidden_states)  # [s, b, 4 * D / tp] (s: this CP rank's tokens)
         b = qkvu.shape[1]
         local = self.heads_local * self.head_dim
-        cu_seqlens = None
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            if self.cp_group.size() > 1:
-                raise NotImplementedError("packed (THD) sequences with context parallelism are not supported")
-            cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.int64)
         if self.cp_group.size() == 1:
             # one pass for both SiLUs (and LRPE), one for the whole qkvu gradient (v, u: views of qkvu)
             lrpe = {}
