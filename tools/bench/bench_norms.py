@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -41,23 +40,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT = re.compile(r'"\$\{(\w+):=([^}"]*)\}"')
-
 
 def launcher_shapes(presets: list[str] | None) -> list[dict]:
-    """One entry per launcher (or those of ``presets``): {preset, tp, norm: (rows, D), gate: (rows, D/TP)}."""
+    """One entry per launcher (or those of ``presets``): {preset, tp, sp, norm: (rows, D), gate: (rows, D/TP)}."""
     from megatron_tnllm.configs import get_preset
+    from megatron_tnllm.planning.step import launchers
 
     out = []
-    for path in sorted([*ROOT.glob("examples/pretrain_tnl_*.sh"), *ROOT.glob("examples/pretrain_tnl_*.sbatch")]):
-        env = dict(DEFAULT.findall(path.read_text()))
-        if "PRESET" not in env or (presets and env["PRESET"] not in presets):
+    for lay in launchers():
+        if presets and lay["preset"] not in presets:
             continue
-        tp, sp, tokens = int(env["TP"]), int(env["SP"]), int(env["MBS"]) * int(env["SEQ"])
-        D = get_preset(env["PRESET"]).hidden_size
+        tp, sp, tokens = lay["tp"], int(lay["sp"]), lay["mbs"] * lay["seq"]
+        D = get_preset(lay["preset"]).hidden_size
         out.append({
-            "preset": env["PRESET"], "tp": tp, "sp": sp,
+            "preset": lay["preset"], "tp": tp, "sp": sp,
             "norm": (tokens // tp if sp else tokens, D), "gate": (tokens, D // tp),
         })  # fmt: skip
     missing = set(presets or []) - {s["preset"] for s in out}
