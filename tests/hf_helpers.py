@@ -26,6 +26,23 @@ def tiny_model(seed: int = 0, **overrides) -> TransnormerForCausalLM:
     return TransnormerForCausalLM(hf_config_from_tnl(TINY.replace(**overrides))).eval()
 
 
+# tnl-tiny-hybrid (softmax attention on layers 1 and 3) with the same vocabulary.
+HYBRID = get_preset("tnl-tiny-hybrid").replace(vocab_size=1000)
+
+
+def hybrid_config(tnl=HYBRID):
+    """The HF config of a hybrid TNLConfig (its softmax layers as ``softmax_attention_layers``)."""
+    config = hf_config_from_tnl(tnl)
+    config.softmax_attention_layers = list(tnl.softmax_layers)
+    return config
+
+
+def tiny_hybrid_model(seed: int = 0) -> TransnormerForCausalLM:
+    """A randomly initialised hybrid (fp32, eval mode) of shape HYBRID."""
+    torch.manual_seed(seed)
+    return TransnormerForCausalLM(hybrid_config()).eval()
+
+
 def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face directory (safetensors, sharded or not)."""
     directory = Path(directory)

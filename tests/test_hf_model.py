@@ -14,7 +14,7 @@ import torch
 from megatron_tnllm.hf import TransnormerCache, TransnormerConfig, TransnormerForCausalLM
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD
 from megatron_tnllm.ops.lrpe import lrpe_theta_init
-from tests.hf_helpers import TINY, tiny_model
+from tests.hf_helpers import TINY, tiny_hybrid_model, tiny_model
 from tests.testing import rel_err
 
 GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
@@ -23,6 +23,13 @@ GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=Tr
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=1)
+
+
+@pytest.fixture(scope="module", params=["tnl", "hybrid"])
+def generating(request, model):
+    """The models whose cached generation is checked against recomputation: pure TNL (a constant-size state per
+    layer) and the hybrid (softmax attention on layers 1 and 3: a KV cache there)."""
+    return model if request.param == "tnl" else tiny_hybrid_model(seed=1)
 
 
 def _prompts(lengths, seed=0):
@@ -135,49 +142,49 @@ def _generated(out, prompt_len):
     return out.sequences[:, prompt_len:]
 
 
-def test_greedy_with_cache_equals_recomputation(model):
+def test_greedy_with_cache_equals_recomputation(generating):
     prompt = torch.stack(_prompts([11, 11], seed=2))
-    cached = model.generate(prompt, do_sample=False, **GEN)
-    recomputed = model.generate(prompt, do_sample=False, use_cache=False, **GEN)
+    cached = generating.generate(prompt, do_sample=False, **GEN)
+    recomputed = generating.generate(prompt, do_sample=False, use_cache=False, **GEN)
     assert torch.equal(cached.sequences, recomputed.sequences)
     assert rel_err(torch.stack(cached.logits), torch.stack(recomputed.logits)) <= 1e-5
 
 
-def test_sampling_with_cache_equals_recomputation(model):
+def test_sampling_with_cache_equals_recomputation(generating):
     prompt = torch.stack(_prompts([9, 9, 9], seed=3))
     torch.manual_seed(7)
-    cached = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, **GEN)
+    cached = generating.generate(prompt, do_sample=True, top_k=50, temperature=1.5, **GEN)
     torch.manual_seed(7)
-    recomputed = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, use_cache=False, **GEN)
+    recomputed = generating.generate(prompt, do_sample=True, top_k=50, temperature=1.5, use_cache=False, **GEN)
     assert torch.equal(cached.sequences, recomputed.sequences)
 
 
-def test_beam_search_reorders_the_state(model):
+def test_beam_search_reorders_the_state_and_keys(generating):
     prompt = torch.stack(_prompts([10, 10], seed=4))
     beams = dict(num_beams=4, num_return_sequences=2, do_sample=False, output_scores=True)
-    cached = model.generate(prompt, **beams, **GEN)
-    recomputed = model.generate(prompt, use_cache=False, **beams, **GEN)
+    cached = generating.generate(prompt, **beams, **GEN)
+    recomputed = generating.generate(prompt, use_cache=False, **beams, **GEN)
     assert torch.equal(cached.sequences, recomputed.sequences)
     assert torch.allclose(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5)
-    # Beams really do swap rows here, so an un-reordered state would have produced different text.
+    # Beams really do swap rows here, so an un-reordered state (or KV cache) would have produced different text.
     assert cached.beam_indices[:, : GEN["max_new_tokens"]].ne(cached.beam_indices[:, :1]).any()
 
 
-def test_left_padded_batch_equals_each_prompt_alone(model):
+def test_left_padded_batch_equals_each_prompt_alone(generating):
     prompts = _prompts([3, 9, 14], seed=5)
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
-    batched = model.generate(ids, attention_mask=mask, do_sample=False, **GEN)
+    batched = generating.generate(ids, attention_mask=mask, do_sample=False, **GEN)
     for row, p in enumerate(prompts):
-        alone = model.generate(p[None], do_sample=False, **GEN)
+        alone = generating.generate(p[None], do_sample=False, **GEN)
         assert torch.equal(_generated(batched, width)[row], _generated(alone, len(p))[0])
         step_logits = torch.stack([step[row] for step in batched.logits])
         assert rel_err(step_logits, torch.stack([step[0] for step in alone.logits])) <= 1e-5
     # and with beam search on the padded batch
     beams = dict(num_beams=3, do_sample=False)
-    padded = model.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)
-    recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **beams, **GEN)
+    padded = generating.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)
+    recomputed = generating.generate(ids, attention_mask=mask, use_cache=False, **beams, **GEN)
     assert torch.equal(padded.sequences, recomputed.sequences)

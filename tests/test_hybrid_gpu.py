@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_tnllm.hf import TransnormerForCausalLM
 from megatron_tnllm.layers.softmax_attention import causal_attention
-from tests.test_hybrid_hf import GEN, hybrid_config
+from tests.hf_helpers import hybrid_config
+from tests.test_hybrid_hf import GEN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,37 +13,25 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from megatron_tnllm.configs import get_preset
-from megatron_tnllm.convert.layout import hf_config_from_tnl
 from megatron_tnllm.hf import TransnormerForCausalLM
 from megatron_tnllm.hf.export import standalone_modeling_source
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD, NormLinearAttention, SoftmaxAttention
 from tests.distributed import run_distributed
+from tests.hf_helpers import HYBRID, hybrid_config, tiny_hybrid_model
+from tests.testing import rel_err
 
-HYBRID = get_preset("tnl-tiny-hybrid").replace(vocab_size=1000)
 SOFTMAX = list(HYBRID.softmax_layers)  # [1, 3]
 GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
 
-def hybrid_config(tnl=HYBRID):
-    config = hf_config_from_tnl(tnl)
-    config.softmax_attention_layers = list(tnl.softmax_layers)
-    return config
-
-
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(1)
-    return TransnormerForCausalLM(hybrid_config()).eval()
+    return tiny_hybrid_model(seed=1)
 
 
 def _prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, HYBRID.vocab_size, (n,), generator=g) for n in lengths]
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_layout_and_config_round_trip(tmp_path, model):
@@ -84,7 +72,7 @@ def test_export_source_builds_the_hybrid(tmp_path, model):
     exported.load_state_dict(model.state_dict())
     tokens = _prompts([24])[0][None]
     with torch.no_grad():
-        assert _rel(exported(tokens).logits, model(tokens).logits) < 1e-6
+        assert rel_err(exported(tokens).logits, model(tokens).logits) < 1e-6
 
 
 def test_incremental_forward_equals_full_forward(model):
@@ -100,50 +88,18 @@ def test_incremental_forward_equals_full_forward(model):
     assert cache.seen_tokens == 40
     assert [None if k is None else tuple(k.shape) for k in cache.keys] == [None, (1, 4, 40, 64), None, (1, 4, 40, 64)]
     assert [s is None for s in cache.states] == [False, True, False, True]
-    assert _rel(torch.cat(pieces, dim=1), full) < 1e-5
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-5
 
 
-def test_greedy_with_cache_equals_recomputation(model):
-    prompt = torch.stack(_prompts([11, 11], seed=2))
-    cached = model.generate(prompt, do_sample=False, **GEN)
-    recomputed = model.generate(prompt, do_sample=False, use_cache=False, **GEN)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    assert _rel(torch.stack(cached.logits), torch.stack(recomputed.logits)) < 1e-5
-
-
-def test_sampling_with_cache_equals_recomputation(model):
-    prompt = torch.stack(_prompts([9, 9, 9], seed=3))
-    torch.manual_seed(7)
-    cached = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, **GEN)
-    torch.manual_seed(7)
-    recomputed = model.generate(prompt, do_sample=True, top_k=50, temperature=1.5, use_cache=False, **GEN)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-
-
-def test_beam_search_reorders_states_and_keys(model):
-    prompt = torch.stack(_prompts([10, 10], seed=4))
-    beams = dict(num_beams=4, num_return_sequences=2, do_sample=False, output_scores=True)
-    cached = model.generate(prompt, **beams, **GEN)
-    recomputed = model.generate(prompt, use_cache=False, **beams, **GEN)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    assert torch.allclose(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5)
-    # Beams really do swap rows here, so an un-reordered cache would have produced different text.
-    assert cached.beam_indices[:, : GEN["max_new_tokens"]].ne(cached.beam_indices[:, :1]).any()
-
-
-def test_left_padded_batch_equals_each_prompt_alone(model):
+def test_left_padded_beam_search_with_cache_equals_recomputation(model):
+    """Left padding and beam search at once: the KV cache of the softmax layers is padded and reordered.
+    (Greedy, sampling, beam search and left padding alone: tests/test_hf_model.py, for both models.)"""
     prompts = _prompts([3, 9, 14], seed=5)
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
-    batched = model.generate(ids, attention_mask=mask, do_sample=False, **GEN)
-    for row, p in enumerate(prompts):
-        alone = model.generate(p[None], do_sample=False, **GEN)
-        assert torch.equal(batched.sequences[row, width:], alone.sequences[0, len(p) :])
-        step_logits = torch.stack([step[row] for step in batched.logits])
-        assert _rel(step_logits, torch.stack([step[0] for step in alone.logits])) < 1e-5
     beams = dict(num_beams=3, do_sample=False)
     padded = model.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)
     recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **beams, **GEN)
@@ -193,5 +149,5 @@ def test_hf_logits_equal_megatron(tmp_path):
     with torch.no_grad():
         logits = model(saved["ids"]).logits
     assert logits.shape == saved["logits"].shape == (2, 32, HYBRID.vocab_size)
-    err = _rel(logits, saved["logits"])
+    err = rel_err(logits, saved["logits"])
     assert err < 1e-5, f"HF logits off Megatron's by {err:.1e}"
