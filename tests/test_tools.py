@@ -47,7 +47,15 @@ def test_planner_context_parallelism_splits_tokens_and_optimizer():
     p = get_preset("tnl-1b")
     one = plan(p, Layout(dp=2, seq=65536))
     cp4 = plan(p, Layout(dp=2, cp=4, seq=65536))
-    assert cp4["activations"] == pytest.approx(one["activations"] / 4)
+    plain = p.replace(lrpe_layers=())
+    assert plan(plain, Layout(dp=2, cp=4, seq=65536))["activations"] == pytest.approx(
+        plan(plain, Layout(dp=2, seq=65536))["activations"] / 4
+    )
+    # under CP the LRPE layer runs the PyTorch LRPE (not fused into the qkvu split), which keeps more per token
+    D, tokens = p.hidden_size, 65536 // 4
+    lrpe_cp = activation_bytes_per_token_layer(p, lrpe=True, cp=4) - activation_bytes_per_token_layer(p, lrpe=True)
+    assert cp4["activations"] == pytest.approx(one["activations"] / 4 + lrpe_cp * tokens)
+    assert lrpe_cp == pytest.approx((14 + 22 - 5.5) * D)
     assert cp4["logits"] == pytest.approx(one["logits"] / 4)
     assert cp4["optimizer"] == pytest.approx(one["optimizer"] / 4)  # sharded over DP x CP = 8, not DP = 2
     assert cp4["weights (bf16)"] == one["weights (bf16)"]
@@ -79,20 +87,24 @@ def plan_activation_bytes_per_layer(cfg, tokens):
 
 
 @pytest.mark.parametrize(
-    ("name", "mbs", "plain", "lrpe"),
-    [("tnl-1b", 8, 78_860, 113_677), ("tnl-7b", 1, 158_220, 307_732)],
+    ("name", "mbs", "plain", "lrpe", "lrpe_pytorch"),
+    [("tnl-1b", 8, 78_860, 91_149, 113_677), ("tnl-7b", 1, 158_220, 176_660, 307_732)],
 )
-def test_activation_model_against_bench_layer(name, mbs, plain, lrpe):
+def test_activation_model_against_bench_layer(name, mbs, plain, lrpe, lrpe_pytorch):
     """Bytes per token a plain and an LRPE layer keep for backward, measured by tools/bench/bench_layer.py (one H200,
-    2026-12-01, after the fused qkvu split and SGLU product, launcher micro-batch), plus the layer's input (2 D, which
-    the bench allocates before the forward and a stack keeps in the next layer's input norm): within 1.5 %. LRPE's
-    angle tables are per position, so an LRPE layer's bytes per token fall with the micro-batch."""
+    2026-12-01, launcher micro-batch: the fused qkvu split and SGLU product; ``lrpe`` with LRPE in the fused split,
+    ``lrpe_pytorch`` with the PyTorch LRPE that CP > 1 runs), plus the layer's input (2 D, which the bench allocates
+    before the forward and a stack keeps in the next layer's input norm): within 1.5 %. The PyTorch LRPE's angle
+    tables are per position, so its bytes per token fall with the micro-batch."""
     cfg = get_preset(name)
     D = cfg.hidden_size
     assert activation_bytes_per_token_layer(cfg) == pytest.approx(plain + 2 * D, rel=0.015)
     assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=mbs) == pytest.approx(lrpe + 2 * D, rel=0.015)
-    assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=1) - activation_bytes_per_token_layer(
-        cfg, lrpe=True, mbs=8
+    assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=mbs, cp=2) == pytest.approx(
+        lrpe_pytorch + 2 * D, rel=0.015
+    )
+    assert activation_bytes_per_token_layer(cfg, lrpe=True, mbs=1, cp=2) - activation_bytes_per_token_layer(
+        cfg, lrpe=True, mbs=8, cp=2
     ) == pytest.approx(22 * D * 7 / 8)
     at_mbs = plan(cfg, Layout(mbs=mbs, seq=2048))["activations"]
     per_token = (cfg.num_layers - 1) * activation_bytes_per_token_layer(cfg) + activation_bytes_per_token_layer(

@@ -9,13 +9,17 @@ Keys and values come from disjoint halves of the vocabulary; the loss and the ac
 a_i only. Each model trains on a mix of sequence lengths (N = length / 4) and is scored, per length, on fresh
 sequences. The three models are the Hugging Face class of this package with the same width, depth, heads and
 SGLU: ``tnl`` (lightning attention everywhere, LRPE on layer 0), ``hybrid`` (softmax attention on every
-second layer, the others TNL), ``softmax`` (softmax attention everywhere, no position encoding).
+second layer, the others TNL), ``softmax`` (softmax attention everywhere, no position encoding: the hybrid's
+softmax layer alone) and ``softmax_rope`` (the same with rotary position embedding on q and k, the usual
+softmax baseline: MQAR binds each value to the key before it, a previous-token step that a position-free
+softmax model finds hard).
 
     python tools/recall_task.py --out DIR          # the full run (defaults below), meant for one GPU
     python tools/recall_task.py --smoke --out DIR  # a few steps of each model, seconds (checks the tool)
 
-Writes DIR/recall.json (accuracy per model and length, settings), DIR/recall.md (a table) and, with
-matplotlib, DIR/hybrid_recall.png.
+Writes DIR/recall.json (accuracy per model and length, settings, steps trained), DIR/recall.md (a table) and,
+with matplotlib, DIR/hybrid_recall.png. Ctrl-C (SIGINT) ends the training of the model in progress: it is scored
+as it is (its row shows the steps it had) and the run goes on with the next model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -32,8 +37,40 @@ import torch.nn.functional as F
 from megatron_tnllm.configs import TNLConfig, softmax_every
 from megatron_tnllm.convert.layout import hf_config_from_tnl
 from megatron_tnllm.hf import TransnormerForCausalLM
+from megatron_tnllm.hf.modeling_transnormer import SoftmaxAttention
 
-MODELS = ("tnl", "hybrid", "softmax")
+MODELS = ("tnl", "hybrid", "softmax", "softmax_rope")
+ROPE_BASE = 10000.0
+
+
+def rotate(x: torch.Tensor, base: float = ROPE_BASE) -> torch.Tensor:
+    """RoPE (rotate-half form) of x [b, h, n, d] at positions 0..n-1."""
+    n, d = x.shape[-2], x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head size; got {d}")
+    dtype = torch.promote_types(x.dtype, torch.float32)  # angles in fp32 at least (fp64 for fp64 inputs)
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)  # [d / 2]
+    angle = torch.arange(n, device=x.device, dtype=dtype)[:, None] * inv_freq  # [n, d / 2]
+    cos, sin = torch.cat([angle.cos(), angle.cos()], -1), torch.cat([angle.sin(), angle.sin()], -1)
+    half1, half2 = x.to(dtype).chunk(2, dim=-1)
+    return (x.to(dtype) * cos + torch.cat([-half2, half1], -1) * sin).to(x.dtype)
+
+
+class RopeSoftmaxAttention(SoftmaxAttention):
+    """The ``softmax_rope`` baseline's attention: :class:`SoftmaxAttention` with RoPE on q and k.
+
+    Whole sequences only (training and scoring here run without a cache or padding).
+    """
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, kv: tuple | None) -> tuple:
+        """x [b, n, D] -> ([b, n, D], (keys, values) [b, h, n, d])."""
+        if key_mask is not None or kv is not None:
+            raise ValueError("RopeSoftmaxAttention takes whole unpadded sequences (no key_mask, no cache)")
+        b, n, width = x.shape
+        q, k, v = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q), rotate(k)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(o.transpose(1, 2).reshape(b, n, width)), (k, v)
 
 
 def mqar_batch(batch: int, length: int, num_keys: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +102,19 @@ def build(kind: str, shape: TNLConfig, device: torch.device) -> TransnormerForCa
         tnl, softmax = shape, []
     elif kind == "hybrid":
         tnl, softmax = shape, list(softmax_every(layers, 2))
-    else:
+    elif kind in ("softmax", "softmax_rope"):
         tnl, softmax = shape.replace(lrpe_layers=()), list(range(layers))
+    else:
+        raise ValueError(f"model {kind!r}; expected one of {MODELS}")
     config = hf_config_from_tnl(tnl)
     config.softmax_attention_layers = softmax
-    return TransnormerForCausalLM(config).to(device)
+    model = TransnormerForCausalLM(config)
+    if kind == "softmax_rope":  # same initial weights as ``softmax``; only the attention's positions differ
+        for layer in model.model.layers:
+            rope = RopeSoftmaxAttention(config)
+            rope.load_state_dict(layer.token_mixer.state_dict())
+            layer.token_mixer = rope
+    return model.to(device)
 
 
 def answer_loss_and_hits(model, ids: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +125,9 @@ def answer_loss_and_hits(model, ids: torch.Tensor, answer_mask: torch.Tensor) ->
     return F.cross_entropy(picked, target), picked.argmax(-1) == target
 
 
-def train(kind: str, args, shape: TNLConfig, device: torch.device) -> dict[int, float]:
-    """Trains model ``kind`` on the mixed lengths; returns {length: answer accuracy on fresh sequences}."""
+def train(kind: str, args, shape: TNLConfig, device: torch.device) -> tuple[dict[int, float], int]:
+    """Trains model ``kind`` on the mixed lengths; returns ({length: answer accuracy on fresh sequences}, steps
+    trained)."""
     torch.manual_seed(args.seed)
     model = build(kind, shape, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.98))
@@ -92,7 +138,19 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> dict[int, 
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     model.train()
+    stop = []  # Ctrl-C: the first ends training after the step in progress, a second stops the run at once
+
+    def on_sigint(*_) -> None:
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    done = 0
     for step in range(args.steps):
+        if stop:
+            print(f"{kind:>7} interrupted after {done} of {args.steps} steps; scoring it as it is", flush=True)
+            break
         length = args.lengths[step % len(args.lengths)]
         ids, mask = mqar_batch(args.batch, length, args.num_keys, g)
         loss, hits = answer_loss_and_hits(model, ids.to(device), mask.to(device))
@@ -101,6 +159,7 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> dict[int, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        done = step + 1
         if step % args.log_every == 0 or step == args.steps - 1:
             print(
                 f"{kind:>7} step {step:5d} length {length:4d} loss {loss.item():.3f} "
@@ -119,15 +178,21 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> dict[int, 
                 for _ in range(args.eval_batches)
             ]
             accuracy[length] = torch.cat(hits).float().mean().item()
-    return accuracy
+    signal.signal(signal.SIGINT, previous)
+    return accuracy, done
 
 
 def write_results(out: Path, results: dict[str, dict[int, float]], settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall.json").write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
     lengths = settings["lengths"]
-    rows = ["| model | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    rows += [f"| {kind} | " + " | ".join(f"{acc[n]:.3f}" for n in lengths) + " |" for kind, acc in results.items()]
+    steps = settings["steps_done"]
+    rows = ["| model | steps | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |"]
+    rows.append("|---" * (len(lengths) + 2) + "|")
+    rows += [
+        f"| {kind} | {steps[kind]} | " + " | ".join(f"{acc[n]:.3f}" for n in lengths) + " |"
+        for kind, acc in results.items()
+    ]
     (out / "recall.md").write_text("\n".join(rows) + "\n")
     try:
         import matplotlib
@@ -157,14 +222,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="a few steps at short lengths (checks the tool)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
-    p.add_argument("--num-keys", type=int, default=256, help="distinct keys (and values) in the vocabulary")
-    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument("--num-keys", type=int, default=64, help="distinct keys (and values) in the vocabulary")
+    p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=22000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -182,9 +247,11 @@ def main() -> None:
         seq_length=max(args.lengths),
     )
     device = torch.device(args.device)
-    results = {kind: train(kind, args, shape, device) for kind in args.models}
+    results, steps_done = {}, {}
+    for kind in args.models:
+        results[kind], steps_done[kind] = train(kind, args, shape, device)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "device")}
-    settings.update(device=str(device), torch=torch.__version__)
+    settings.update(device=str(device), torch=torch.__version__, steps_done=steps_done)
     write_results(args.out, results, settings)
     print((args.out / "recall.md").read_text())
 

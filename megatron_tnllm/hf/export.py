@@ -42,16 +42,17 @@ _INLINED = (
     (decay, ("layer_slopes",)),
     (lrpe, ("lrpe_theta_init", "apply_lrpe")),
     (attention_reference, ("lightning_attention_chunked", "lightning_attention_step_torch")),
-    (srmsnorm_reference, ("srmsnorm_torch",)),
+    (srmsnorm_reference, ("srmsnorm_torch", "srmsnorm_gate_torch")),
 )
 
 _STANDALONE_TAIL = """
 try:  # the Triton kernels, when megatron-tnllm is installed
-    from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+    from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm, srmsnorm_gate
 except ImportError:
     lightning_attention = lightning_attention_chunked
     lightning_attention_step = lightning_attention_step_torch
     srmsnorm = srmsnorm_torch
+    srmsnorm_gate = srmsnorm_gate_torch
 """
 
 

@@ -37,7 +37,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 # --- standalone imports: begin ---
-from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm
+from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm, srmsnorm_gate
 from megatron_tnllm.ops.decay import layer_slopes
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 
@@ -234,22 +234,31 @@ class NormLinearAttention(nn.Module):
         """
         b, n, width = x.shape
         qkvu = self.qkvu_proj(x).view(b, n, 4, self.num_heads, self.head_dim)
-        # Few passes over memory (a decode step is a chain of small kernels): SiLU of q and k in one, the
-        # padding select in one, the gate multiplied into the norm's output without copying u first.
-        q, k = F.silu(qkvu[:, :, :2]).unbind(2)  # [b, n, h, d]
-        v, u = qkvu[:, :, 2], qkvu[:, :, 3]
-        if hasattr(self, "lrpe"):
-            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
-        if pad_mask is not None:
-            v = torch.where(pad_mask[:, :, None, None], v, 0.0)
+        u = qkvu[:, :, 3].reshape(b, n, width)  # a view: the gate is read in place by the norm below
         slope = self.slope(x.device)
-        if n == 1 and state is not None:
-            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state, inplace=True)
+        lrpe = hasattr(self, "lrpe")
+        if n == 1 and state is not None and not lrpe:
+            # A decode step is a chain of small kernels: SiLU of q and k and the padding select run inside the
+            # step kernel as it loads them (one launch instead of three).
+            keep = None if pad_mask is None else pad_mask[:, 0]
+            q, k, v = qkvu[:, 0, :3].unbind(1)  # [b, h, d] each, raw projections
+            o, state = lightning_attention_step(q, k, v, slope, state, inplace=True, silu_qk=True, keep=keep)
             o = o[:, None]
         else:
-            o, state = lightning_attention(q, k, v, slope, initial_state=state, output_final_state=use_cache)
-        o = srmsnorm(o.reshape(b, n, width), NORM_EPS).view(b, n, self.num_heads, self.head_dim) * u
-        return self.out_proj(o.reshape(b, n, width)), state
+            q, k = F.silu(qkvu[:, :, :2]).unbind(2)  # [b, n, h, d]; SiLU of q and k in one pass
+            v = qkvu[:, :, 2]
+            if lrpe:
+                q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+            if pad_mask is not None:
+                v = torch.where(pad_mask[:, :, None, None], v, 0.0)
+            if n == 1 and state is not None:
+                o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, state, inplace=True)
+                o = o[:, None]
+            else:
+                o, state = lightning_attention(q, k, v, slope, initial_state=state, output_final_state=use_cache)
+        # the gate multiplied into the norm's output in one pass, without rounding in between
+        o = srmsnorm_gate(o.reshape(b, n, width), u, NORM_EPS)
+        return self.out_proj(o), state
 
 
 class SoftmaxAttention(nn.Module):

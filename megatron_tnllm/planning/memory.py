@@ -19,8 +19,9 @@ onwards (Megatron's even split). Per stage:
   input kept by the qkvu product, the qkvu output kept by the fused split + SiLU (8 D), SiLU(q), SiLU(k) kept
   by the attention (4 D), the attention output kept by norm + gate, the gated output kept by the output
   projection; fp32 norm statistics are negligible), SGLU 4 D + 6 G (the mid-layer residual kept by its norm,
-  the normed input, [l1; l2] kept by the fused product, the product); an LRPE layer adds
-  14 D + 22 D / MBS (LRPE forms its fp32 angle tables per sequence position, shared by the micro-batch);
+  the normed input, [l1; l2] kept by the fused product, the product); an LRPE layer adds 5.5 D (the doubled
+  q', k' of the fused split), or at CP > 1, where the PyTorch LRPE runs, 14 D + 22 D / MBS (it keeps fp32
+  copies and forms its fp32 angle tables per sequence position, shared by the micro-batch);
   a softmax-attention layer through SDPA's flash kernel ~14 D + 4 H in its mixer (the layer input kept by
   the input norm, the normed input, q, k, v, the output saved by SDPA and its copy saved by the output
   projection, fp32 log-sum-exp per head; nothing grows with the sequence) and the same SGLU; divided by TP
@@ -102,24 +103,33 @@ def stage_layers(num_layers: int, pp: int, vpp: int, stage: int) -> tuple[range,
     return tuple(range((v * pp + stage) * n, (v * pp + stage + 1) * n) for v in range(vpp))
 
 
-def activation_bytes_per_token_layer(cfg: TNLConfig, lrpe: bool = False, softmax: bool = False, mbs: int = 1) -> float:
+def activation_bytes_per_token_layer(
+    cfg: TNLConfig, lrpe: bool = False, softmax: bool = False, mbs: int = 1, cp: int = 1
+) -> float:
     """Bytes saved for backward per token by one layer (module docstring): a TNL layer, with ``lrpe`` one with
-    LRPE, with ``softmax`` a softmax-attention layer; ``mbs`` sequences per micro-batch share LRPE's angle
-    tables."""
+    LRPE, with ``softmax`` a softmax-attention layer; ``mbs`` sequences per micro-batch share the PyTorch LRPE's
+    angle tables, which context parallelism (``cp`` > 1) runs instead of the fused one."""
     D, G = cfg.hidden_size, cfg.glu_size
     sglu = 4 * D + 6 * G
     if softmax:
         return 14 * D + 4 * cfg.num_heads + sglu
-    # LRPE (ops/lrpe.py apply_lrpe, once for q and once for k) keeps per token x.float() (4 D) and its bf16
-    # output of twice the head width (4 D, saved by the attention instead of SiLU's 2 D), i.e. 12 D more for
-    # q and k; and per sequence position the fp32 angle, cos and sin [seq, heads, head_dim] of each call,
-    # 24 D, shared by the micro-batch. That derivation, 12 D + 24 D / MBS, is 12 % below the measurement at
-    # tnl-1b (MBS 8: 17.0 D measured); the fit to both measurements (tnl-1b MBS 8: 17.0 D, tnl-7b MBS 1:
-    # 36.5 D; bench_layer.py, one H200, 2026-12-01) is used instead, within 1.5 % of each. It describes the
-    # PyTorch LRPE, which context parallelism (CP > 1) still runs; at CP = 1 the fused split (ops/qkvu) keeps no
-    # fp32 copies or angle tables, only the doubled q', k' (~4 D more), so this over-plans that one layer until
-    # the fused path is measured.
-    lrpe_extra = 14 * D + 22 * D / mbs if lrpe else 0
+    if not lrpe:
+        lrpe_extra = 0.0
+    elif cp == 1:
+        # The fused split (ops/qkvu) applies LRPE itself and keeps only the doubled q', k' for the attention
+        # (4 D more than SiLU's q, k) and theta's small partial sums: measured 6.0 D (tnl-1b, MBS 8) and 5.0 D
+        # (tnl-7b, MBS 1) more than a plain layer (bench_layer.py, one H200, 2026-12-01); 5.5 D is within
+        # 1.5 % of both layers.
+        lrpe_extra = 5.5 * D
+    else:
+        # The PyTorch LRPE (ops/lrpe.py apply_lrpe, once for q and once for k) keeps per token x.float() (4 D)
+        # and its bf16 output of twice the head width (4 D, saved by the attention instead of SiLU's 2 D), i.e.
+        # 12 D more for q and k; and per sequence position the fp32 angle, cos and sin [seq, heads, head_dim] of
+        # each call, 24 D, shared by the micro-batch. That derivation, 12 D + 24 D / MBS, is 12 % below the
+        # measurement at tnl-1b (MBS 8: 17.0 D measured); the fit to both measurements (tnl-1b MBS 8: 17.0 D,
+        # tnl-7b MBS 1: 36.5 D; bench_layer.py, one H200, 2026-12-01, when every layout ran this path) is
+        # used instead, within 1.5 % of each.
+        lrpe_extra = 14 * D + 22 * D / mbs
     return 20 * D + lrpe_extra + sglu
 
 
@@ -170,12 +180,12 @@ def plan_stage(cfg: TNLConfig, lay: Layout, stage: int) -> dict[str, float]:
     held_layers = sum(n * len(chunk) for n, chunk in zip(held, chunks, strict=True))
     act_split = lay.tp if lay.sp else 1
     layer = activation_bytes_per_token_layer(cfg) * tokens / act_split
-    lrpe_layer = activation_bytes_per_token_layer(cfg, lrpe=True, mbs=lay.mbs) * tokens / act_split
+    lrpe_layer = activation_bytes_per_token_layer(cfg, lrpe=True, mbs=lay.mbs, cp=lay.cp) * tokens / act_split
     softmax_layer = activation_bytes_per_token_layer(cfg, softmax=True) * tokens / act_split
     if lay.recompute == "full":
         kinds = {
             activation_bytes_per_token_layer(
-                cfg, lrpe=i in cfg.lrpe_layers, softmax=i in cfg.softmax_layers, mbs=lay.mbs
+                cfg, lrpe=i in cfg.lrpe_layers, softmax=i in cfg.softmax_layers, mbs=lay.mbs, cp=lay.cp
             )
             for chunk in chunks
             for i in chunk

@@ -154,6 +154,8 @@ def lightning_attention_step(
     state: torch.Tensor,
     *,
     inplace: bool = False,
+    silu_qk: bool = False,
+    keep: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step per sequence: S <- exp(-slope) S + k^T v; o = q S.
@@ -161,6 +163,9 @@ def lightning_attention_step(
     Args:
         q, k: [B, H, Dk]; v: [B, H, Dv]; slope: [H] fp32; state: [B, H, Dk, Dv] fp32.
         inplace: update ``state`` in place (and return it) instead of returning a new tensor.
+        silu_qk: apply SiLU to q and k first, rounded to their dtype as ``F.silu`` would (TNL's token mixer;
+            the kernel does it as it loads them, instead of two more launches).
+        keep: [B] bool, False for a padding token, whose v counts as zero (it adds nothing to the state).
 
     Returns:
         (o [B, H, Dv] in q's dtype, the updated state)
@@ -176,10 +181,12 @@ def lightning_attention_step(
         raise ValueError(f"state must be fp32 (or fp64 for checks); got {state.dtype}")
     if slope.shape != (q.shape[1],):
         raise ValueError(f"slope must be [H] = [{q.shape[1]}]; got {tuple(slope.shape)}")
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (q.shape[0],)):
+        raise ValueError(f"keep must be a bool [B] = [{q.shape[0]}] tensor; got {keep.dtype} {tuple(keep.shape)}")
     _check_floats(q=q, k=k, v=v)
     _check_slope(slope)
     if resolve_backend(backend, state) == "triton":
         from megatron_tnllm.ops.lightning_attn.decode import lightning_attention_step_triton
 
-        return lightning_attention_step_triton(q, k, v, slope, state, inplace=inplace)
-    return lightning_attention_step_torch(q, k, v, slope, state, inplace=inplace)
+        return lightning_attention_step_triton(q, k, v, slope, state, inplace=inplace, silu_qk=silu_qk, keep=keep)
+    return lightning_attention_step_torch(q, k, v, slope, state, inplace=inplace, silu_qk=silu_qk, keep=keep)

@@ -200,9 +200,23 @@ def lightning_attention_recurrent(
 
 
 def lightning_attention_step_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, state: torch.Tensor, inplace: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slope: torch.Tensor,
+    state: torch.Tensor,
+    inplace: bool = False,
+    silu_qk: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step. q, k [B, H, Dk]; v [B, H, Dv]; state [B, H, Dk, Dv] fp32 -> (o [B, H, Dv], state)."""
+    """One decode step. q, k [B, H, Dk]; v [B, H, Dv]; state [B, H, Dk, Dv] fp32 -> (o [B, H, Dv], state).
+
+    silu_qk: q, k <- SiLU(q), SiLU(k) first (in their dtype); keep [B] bool: v <- 0 on rows where it is False.
+    """
+    if silu_qk:
+        q, k = torch.nn.functional.silu(q), torch.nn.functional.silu(k)
+    if keep is not None:
+        v = torch.where(keep[:, None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     dtype = _compute_dtype(q, k, v, state)
     decay = torch.exp(-slope.to(dtype)).view(1, -1, 1, 1)
     update = k.to(dtype)[..., :, None] * v.to(dtype)[..., None, :]
