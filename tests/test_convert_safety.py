@@ -22,7 +22,7 @@ from megatron_tnllm.convert import staging as staging_module
 from megatron_tnllm.convert.cli import main as convert
 from megatron_tnllm.convert.hf_format import SafetensorsWriter
 from megatron_tnllm.convert.staging import MAGIC, MARKER, remove_stale_temporaries
-from tests.hf_helpers import tiny_model, tree_snapshot
+from tests.hf_helpers import small_checkpoints, tree_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A 2-layer HF directory and its Megatron conversion (tests copy them before changing anything)."""
-    root = tmp_path_factory.mktemp("safety")
-    tiny_model(seed=5, num_layers=2, lrpe_layers=(0,)).save_pretrained(root / "hf")
-    hf_to_megatron(root / "hf", root / "megatron", progress=False)
-    return root
+    return small_checkpoints(tmp_path_factory.mktemp("safety"), seed=5)
 
 
 def _one_error_line(err: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatron_tnllm.convert import ConversionError, hf_to_megatron, megatron_to_hf
+from megatron_tnllm.convert import ConversionError, megatron_to_hf
 from megatron_tnllm.convert.layout import to_megatron
 from megatron_tnllm.convert.megatron_format import (
     TRACKER,
@@ -33,7 +33,7 @@ from megatron_tnllm.convert.safe_load import (
     read_dcp_objects,
     safe_torch_load,
 )
-from tests.hf_helpers import TINY, hf_tensors, tiny_model
+from tests.hf_helpers import TINY, hf_tensors, small_checkpoints
 
 SMALL = TINY.replace(num_layers=2, lrpe_layers=(0,))
 
@@ -50,10 +50,7 @@ class RunsCode:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    tiny_model(seed=6, num_layers=2, lrpe_layers=(0,)).save_pretrained(root / "hf")
-    hf_to_megatron(root / "hf", root / "megatron", progress=False)
-    return root
+    return small_checkpoints(tmp_path_factory.mktemp("trust"), seed=6)
 
 
 def _legacy_checkpoint(hf_dir: Path, root: Path, **extra) -> Path:
@@ -133,9 +130,7 @@ def test_torch_dist_objects_that_run_code_are_refused(tmp_path, key):
     """The common state (args) and every other object, such as a layer's _extra_state, which Megatron's own loader
     (used by --verify) would unpickle without restriction."""
     sentinel = tmp_path / "code_ran"
-    model = tiny_model(seed=6, num_layers=2, lrpe_layers=(0,))
-    model.save_pretrained(tmp_path / "hf")
-    hf_to_megatron(tmp_path / "hf", tmp_path / "megatron", progress=False)
+    small_checkpoints(tmp_path, seed=6)
     iteration = tmp_path / "megatron" / "iter_0000000"
     objects = {common_state_key(): RunsCode(sentinel)} if key == "common" else {}
     if key == "extra_state":

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,11 +28,8 @@ from megatron_tnllm.ops.glu import glu_product
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 from megatron_tnllm.ops.qkvu import qkvu_silu
 from tests.testing import rel_err
+from tests.triton_targets import CUDA, DEVICE, INTERPRET, INTERPRETER_ONLY, cases, run_interpreter_suite
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cpu" if INTERPRET else "cuda"
-NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and no TRITON_INTERPRET)")
 TRITON = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton: the interpreter subprocess or a CUDA GPU")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # fp32 against fp64: one rounding of each output; bf16: a few bf16 roundings (the interpreter truncates)
@@ -48,18 +43,7 @@ if INTERPRET or CUDA:
 if not INTERPRET:
 
     def test_interpreter_suite():
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        print(res.stdout[-4000:])
-        assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-4000:]
-
-
-def cases(interpret: list, cuda: list) -> list:
-    """The interpreter's parameter sets in the interpreter subprocess, else the GPU's (skipped without CUDA)."""
-    if INTERPRET:
-        return interpret
-    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=NEEDS_CUDA) for c in cuda]
+        run_interpreter_suite(__file__, timeout_s=600)
 
 
 @pytest.fixture(autouse=True)
@@ -360,7 +344,7 @@ def test_qkvu_silu_torch_backend_is_the_mixers_split():
         qkvu_silu(torch.zeros(2, 40), H, d)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
+@INTERPRETER_ONLY
 def test_bench_fusion_smoke(tmp_path, monkeypatch):
     """tools/bench/bench_fusion.py --smoke (CPU, interpreter) writes its table, so the GPU run fails on no typo."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
@@ -400,7 +384,7 @@ def _layers_worker(rank, world, out):
     torch.save(results, out / "results.pt")
 
 
-@pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
+@INTERPRETER_ONLY
 def test_layers_run_the_fused_ops(tmp_path):
     """The TNL layers (SGLU, the token mixer with and without LRPE) with the Triton ops (LRPE fused into the qkvu
     split on layer 0) give the loss and every parameter gradient of the PyTorch ops, lrpe_theta's included."""

@@ -14,10 +14,9 @@ import torch
 from megatron_tnllm.hf import TransnormerCache, TransnormerConfig, TransnormerForCausalLM
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD
 from megatron_tnllm.ops.lrpe import lrpe_theta_init
-from tests.hf_helpers import TINY, tiny_hybrid_model, tiny_model
+from tests.hf_helpers import GEN, TINY, incremental_forward, tiny_hybrid_model, tiny_model
+from tests.hf_helpers import prompts as _prompts
 from tests.testing import rel_err
-
-GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +29,6 @@ def generating(request, model):
     """The models whose cached generation is checked against recomputation: pure TNL (a constant-size state per
     layer) and the hybrid (softmax attention on layers 1 and 3: a KV cache there)."""
     return model if request.param == "tnl" else tiny_hybrid_model(seed=1)
-
-
-def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, TINY.vocab_size, (n,), generator=g) for n in lengths]
 
 
 def test_released_layout_names_and_shapes(model):
@@ -111,17 +105,9 @@ def test_loss_is_shifted_cross_entropy(model):
 
 
 def test_incremental_forward_equals_full_forward(model):
-    tokens = _prompts([40])[0][None]
-    with torch.no_grad():
-        full = model(tokens, use_cache=False).logits
-        out = model(tokens[:, :25], use_cache=True)
-        pieces = [out.logits]
-        cache = getattr(out, CACHE_FIELD)
-        pieces.append(model(tokens[:, 25:31], cache=cache, use_cache=True).logits)  # a chunk on top of a state
-        for t in range(31, 40):  # then one token at a time
-            pieces.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
+    logits, full, cache = incremental_forward(model, _prompts([40])[0][None])
     assert cache.seen_tokens == 40 and cache.positions.tolist() == [40]
-    assert rel_err(torch.cat(pieces, dim=1), full) <= 1e-5
+    assert rel_err(logits, full) <= 1e-5
 
 
 def test_cache_is_constant_size(model):

@@ -11,8 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_tnllm.hf import TransnormerForCausalLM
 from megatron_tnllm.layers.softmax_attention import causal_attention
-from tests.hf_helpers import hybrid_config
-from tests.test_hybrid_hf import GEN
+from tests.hf_helpers import GEN, hybrid_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

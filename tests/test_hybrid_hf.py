@@ -1,8 +1,6 @@
 """The Hugging Face hybrid model (softmax attention on layers 1 and 3 of a tiny TNL): layout, its cache against
-recomputation in every generation mode, and its logits against Megatron's for the same weights.
-
-Ground truth for generation is the same generate() call with ``use_cache=False``, which recomputes the whole
-sequence at every step (no state or keys carried, reordered or padded).
+a full forward, and its logits against Megatron's for the same weights. Its cached generation against
+recomputation (greedy, sampling, beam search, left padding) is in tests/test_hf_model.py, for both models.
 """
 
 from __future__ import annotations
@@ -17,21 +15,21 @@ from megatron_tnllm.hf import TransnormerForCausalLM
 from megatron_tnllm.hf.export import standalone_modeling_source
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD, NormLinearAttention, SoftmaxAttention
 from tests.distributed import run_distributed
-from tests.hf_helpers import HYBRID, hybrid_config, tiny_hybrid_model
+from tests.hf_helpers import (
+    HYBRID,
+    hybrid_config,
+    incremental_forward,
+    tiny_hybrid_model,
+)
+from tests.hf_helpers import prompts as _prompts
 from tests.testing import rel_err
 
 SOFTMAX = list(HYBRID.softmax_layers)  # [1, 3]
-GEN = dict(max_new_tokens=8, pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True)
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_hybrid_model(seed=1)
-
-
-def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, HYBRID.vocab_size, (n,), generator=g) for n in lengths]
 
 
 def test_layout_and_config_round_trip(tmp_path, model):
@@ -76,34 +74,11 @@ def test_export_source_builds_the_hybrid(tmp_path, model):
 
 
 def test_incremental_forward_equals_full_forward(model):
-    tokens = _prompts([40])[0][None]
-    with torch.no_grad():
-        full = model(tokens, use_cache=False).logits
-        out = model(tokens[:, :25], use_cache=True)
-        pieces = [out.logits]
-        cache = getattr(out, CACHE_FIELD)
-        pieces.append(model(tokens[:, 25:31], cache=cache, use_cache=True).logits)  # a chunk on top of the cache
-        for t in range(31, 40):  # then one token at a time
-            pieces.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
+    logits, full, cache = incremental_forward(model, _prompts([40])[0][None])
     assert cache.seen_tokens == 40
     assert [None if k is None else tuple(k.shape) for k in cache.keys] == [None, (1, 4, 40, 64), None, (1, 4, 40, 64)]
     assert [s is None for s in cache.states] == [False, True, False, True]
-    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-5
-
-
-def test_left_padded_beam_search_with_cache_equals_recomputation(model):
-    """Left padding and beam search at once: the KV cache of the softmax layers is padded and reordered.
-    (Greedy, sampling, beam search and left padding alone: tests/test_hf_model.py, for both models.)"""
-    prompts = _prompts([3, 9, 14], seed=5)
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
-    beams = dict(num_beams=3, do_sample=False)
-    padded = model.generate(ids, attention_mask=mask, use_cache=True, **beams, **GEN)
-    recomputed = model.generate(ids, attention_mask=mask, use_cache=False, **beams, **GEN)
-    assert torch.equal(padded.sequences, recomputed.sequences)
+    assert rel_err(logits, full) < 1e-5
 
 
 def test_static_decoding_refuses_a_hybrid(model):

@@ -3,15 +3,12 @@ an explicit softmax, the placement by global layer number, and TP + SP, PP, CP a
 every gradient, through torch_dist checkpoints (CPU, gloo)."""
 
 import importlib
-import json
 import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_tnllm import models
 from megatron_tnllm.configs import HYBRID_PRESETS, get_preset, softmax_every
@@ -20,19 +17,14 @@ from megatron_tnllm.layers.softmax_attention import SoftmaxAttention
 from megatron_tnllm.layers.token_mixer import TokenMixer
 from tests.distributed import run_distributed
 from tests.megatron_utils import (
-    BATCH,
-    SEQ,
-    all_reduce_tied_embedding_grads,
+    assert_step_matches_reference,
     assert_tp_sharded_params_saved_sharded,
-    fixed_batch,
-    load_checkpoint,
-    loss_of,
-    save_reference,
+    model_at_layout,
+    tp1_reference,
 )
 from tests.testing import rel_err
 
 PRESET = get_preset("tnl-tiny-hybrid")
-GRAD_TOL = 1e-5
 
 
 def hybrid(**overrides):
@@ -93,107 +85,35 @@ def test_softmax_attention_equals_explicit_softmax():
     run_distributed(_layer_worker, 1)
 
 
-def _reference_worker(rank, world, out):
-    parallel_state.initialize_model_parallel()
-    torch.manual_seed(0)
-    model = hybrid()
-    assert _mixers(model) == {0: TokenMixer, 1: SoftmaxAttention, 2: TokenMixer, 3: SoftmaxAttention}
-    save_reference(model, PRESET.vocab_size, out)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hybrid_tp1")
-    run_distributed(_reference_worker, 1, out)
-    return out
+    return tp1_reference(PRESET, tmp_path_factory.mktemp("hybrid_tp1"))
 
 
-def _check(model, reference, layout, loss: float | None, **overrides) -> None:
-    """Every gradient (and, where this rank has it, the loss) against TP=1's."""
-    expected = hybrid(**overrides)
-    load_checkpoint(expected, reference / "grads")
-    worst = 0.0
-    for (name, p), (_, e) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
-        err = rel_err(p.grad, e.data)
-        assert err <= GRAD_TOL, f"{layout}: gradient of {name} off by {err:.2e} (relative)"
-        worst = max(worst, err)
-    if loss is not None:
-        ref_loss = json.loads((reference / "loss.json").read_text())
-        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), f"{layout}: loss {loss} vs TP=1 {ref_loss}"
-        print(f"\n{layout}: loss {loss:.6f} (TP=1 {ref_loss:.6f}); max gradient rel err {worst:.1e}")
-
-
-def _tp_worker(rank, world, reference):
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    torch.manual_seed(1)  # a different init; the checkpoint overwrites it
-    model = hybrid(sequence_parallel=True)
-    load_checkpoint(model, reference / "weights")
-    loss = loss_of(model, fixed_batch(PRESET.vocab_size))
-    loss.backward()
-    _check(model, reference, "hybrid TP=2 + SP", loss.item(), sequence_parallel=True)
+def _layout_worker(rank, world, reference, tp, pp, cp):
+    model = model_at_layout(PRESET, reference, tp=tp, pp=pp, cp=cp, sequence_parallel=tp > 1)
+    placed = {0: TokenMixer, 1: SoftmaxAttention, 2: TokenMixer, 3: SoftmaxAttention}
+    if pp > 1:  # each stage holds a softmax layer
+        first = parallel_state.is_pipeline_first_stage()
+        placed = {i: m for i, m in placed.items() if (i < 2) == first}
+    assert _mixers(model) == placed, _mixers(model)
+    assert_step_matches_reference(model, PRESET, reference)
 
 
 def test_tensor_sequence_parallel_matches_tp1(reference):
-    run_distributed(_tp_worker, 2, reference)
-
-
-def _pp_worker(rank, world, reference):
-    """PP=2 by hand (forward on stage 0, send, loss on stage 1, gradient back); each stage holds a softmax layer."""
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
-    model = hybrid()
-    first = parallel_state.is_pipeline_first_stage()
-    assert _mixers(model) == ({0: TokenMixer, 1: SoftmaxAttention} if first else {2: TokenMixer, 3: SoftmaxAttention})
-    load_checkpoint(model, reference / "weights")
-    batch = fixed_batch(PRESET.vocab_size)
-    shape = (SEQ, BATCH, PRESET.hidden_size)
-    loss = None
-    if first:
-        hidden = model(batch[0], batch[1], None)
-        dist.send(hidden.detach().contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
-        grad = torch.empty(shape)
-        dist.recv(grad, parallel_state.get_pipeline_model_parallel_next_rank())
-        hidden.backward(grad)
-    else:
-        hidden = torch.empty(shape)
-        dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
-        hidden.requires_grad_()
-        model.set_input_tensor(hidden)
-        loss = loss_of(model, batch)
-        loss.backward()
-        dist.send(hidden.grad, parallel_state.get_pipeline_model_parallel_prev_rank())
-    all_reduce_tied_embedding_grads(model)
-    _check(model, reference, "hybrid PP=2", None if loss is None else loss.item())
+    run_distributed(_layout_worker, 2, reference, 2, 1, 1)
 
 
 def test_pipeline_parallel_matches_tp1(reference):
-    run_distributed(_pp_worker, 2, reference)
-
-
-def _cp_worker(rank, world, reference, tp):
-    """CP=2 (with tp = 2 also TP=2 + SP, one head per rank in attention): zig-zag sequence shares; the summed
-    token losses and CP-summed gradients equal TP=1's."""
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=2)
-    cp_group = parallel_state.get_context_parallel_group()
-    model = hybrid(sequence_parallel=tp > 1)
-    load_checkpoint(model, reference / "weights")
-    ids, positions, labels = fixed_batch(PRESET.vocab_size)
-    local = get_batch_on_this_cp_rank(
-        {"tokens": ids, "position_ids": positions, "labels": labels, "cu_seqlens": None}, False, cp_group
-    )
-    per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"]).float()
-    loss = per_token.sum() / labels.numel()  # this rank's share of the mean over the whole batch
-    loss.backward()
-    for p in model.parameters():
-        dist.all_reduce(p.grad, group=cp_group)  # Megatron's DDP reduces over data x context parallel ranks
-    total = loss.detach().clone()
-    dist.all_reduce(total, group=cp_group)
-    layout = "hybrid CP=2" if tp == 1 else f"hybrid CP=2 x TP={tp} + SP"
-    _check(model, reference, layout, total.item(), sequence_parallel=tp > 1)
+    """PP=2 by hand (forward on stage 0, send, loss on stage 1, gradient back)."""
+    run_distributed(_layout_worker, 2, reference, 1, 2, 1)
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["cp2", "cp2_tp2_sp"])
 def test_context_parallel_matches_tp1(reference, tp):
-    run_distributed(_cp_worker, 2 * tp, reference, tp)
+    """CP=2 (with tp = 2 also TP=2 + SP, one head per rank in attention): zig-zag sequence shares; the summed
+    token losses and CP-summed gradients equal TP=1's."""
+    run_distributed(_layout_worker, 2 * tp, reference, tp, 1, 2)
 
 
 def _vpp_placement_worker(rank, world):

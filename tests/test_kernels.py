@@ -12,21 +12,13 @@ Every check gates the relative error ||x - ref|| / ||ref|| against the fp64 refe
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import triton
 
 from tests.testing import alibi, rel_err
+from tests.triton_targets import CUDA, DEVICE, INTERPRET, INTERPRETER_ONLY, NEEDS_CUDA, cases, run_interpreter_suite
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cpu" if INTERPRET else "cuda"
-NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (and no TRITON_INTERPRET)")
-INTERPRETER_ONLY = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess")
 # fp32 inputs: exact fp32 under the interpreter, tf32x3 dots on the GPU
 TOL = {torch.bfloat16: 5e-3, torch.float16: 5e-3, torch.float32: 1e-5 if INTERPRET else 1e-4}
 
@@ -45,19 +37,7 @@ if not INTERPRET:
         "range() loops cannot take (3.8's are scalars); the GPU cases run the compiled kernels",
     )
     def test_interpreter_suite():
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        print(res.stdout[-4000:])
-        assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-4000:]
-
-
-def cases(interpret: list, cuda: list) -> list:
-    """The parameter sets of a check shared by both targets: the interpreter's in the interpreter subprocess,
-    else the GPU's (skipped without CUDA)."""
-    if INTERPRET:
-        return interpret
-    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=NEEDS_CUDA) for c in cuda]
+        run_interpreter_suite(__file__, timeout_s=900)
 
 
 @pytest.fixture(autouse=True)

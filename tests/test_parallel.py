@@ -10,156 +10,58 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_tnllm.configs import get_preset
 from megatron_tnllm.models import build_model
 from tests.distributed import run_distributed
 from tests.megatron_utils import (
-    BATCH,
-    SEQ,
-    all_reduce_tied_embedding_grads,
+    assert_step_matches_reference,
     assert_tp_sharded_params_saved_sharded,
     fixed_batch,
     load_checkpoint,
     loss_of,
+    model_at_layout,
     save_checkpoint,
-    save_reference,
+    tp1_reference,
 )
-from tests.testing import rel_err
 
 PRESET = get_preset("tnl-tiny")
-GRAD_TOL = 1e-5
 
 
 def tiny(**overrides):
     return build_model(PRESET, use_cpu_initialization=True, **overrides)
 
 
-def _reference_worker(rank, world, out):
-    parallel_state.initialize_model_parallel()
-    torch.manual_seed(0)
-    model = tiny()
-    save_reference(model, PRESET.vocab_size, out)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp1")
-    run_distributed(_reference_worker, 1, out)
-    return out
+    return tp1_reference(PRESET, tmp_path_factory.mktemp("tp1"))
 
 
-def _compare_grads(model, reference, layout, **overrides) -> tuple[float, int]:
-    """Largest relative gradient error over all parameters against the TP=1 gradients."""
-    expected = tiny(**overrides)
-    load_checkpoint(expected, reference / "grads")
-    worst, count = 0.0, 0
-    for (name, p), (_, e) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
-        err = rel_err(p.grad, e.data)
-        assert err <= GRAD_TOL, f"{layout}: gradient of {name} off by {err:.2e} (relative)"
-        worst, count = max(worst, err), count + 1
-    return worst, count
-
-
-def _report(reference, layout, loss, worst, count):
-    ref_loss = json.loads((reference / "loss.json").read_text())
-    loss_err = abs(loss - ref_loss) / abs(ref_loss)
-    assert loss_err <= 1e-6, f"{layout}: loss {loss} vs TP=1 {ref_loss}"
-    if dist.get_rank() == 0:
-        print(
-            f"\n{layout}: loss {loss:.6f} (TP=1 {ref_loss:.6f}, rel {loss_err:.1e}); "
-            f"max gradient rel err {worst:.1e} over {count} parameter tensors per rank"
-        )
-
-
-def _tp_worker(rank, world, reference, sequence_parallel):
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    torch.manual_seed(1)  # a different init; the checkpoint overwrites it
-    model = tiny(sequence_parallel=sequence_parallel)
-    load_checkpoint(model, reference / "weights")
-    loss = loss_of(model, fixed_batch(PRESET.vocab_size))
-    loss.backward()
-    layout = f"TP=2{' + SP' if sequence_parallel else ''}"
-    worst, count = _compare_grads(model, reference, layout, sequence_parallel=sequence_parallel)
-    _report(reference, layout, loss.item(), worst, count)
+def _layout_worker(rank, world, reference, tp, pp, cp, sequence_parallel):
+    model = model_at_layout(PRESET, reference, tp=tp, pp=pp, cp=cp, sequence_parallel=sequence_parallel)
+    assert len(model.decoder.layers) == PRESET.num_layers // pp
+    assert_step_matches_reference(model, PRESET, reference)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_tensor_parallel_matches_tp1(reference, sequence_parallel):
-    run_distributed(_tp_worker, 2, reference, sequence_parallel)
-
-
-def _pp_worker(rank, world, reference, tp):
-    """PP=2 by hand (one micro-batch: forward on stage 0, send, loss on stage 1, gradient back); with tp = 2
-    also TP=2 + SP inside each stage (4 ranks), the layout family of the 7B+ launchers."""
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=2)
-    model = tiny(sequence_parallel=tp > 1)
-    assert len(model.decoder.layers) == PRESET.num_layers // 2
-    load_checkpoint(model, reference / "weights")
-    batch = fixed_batch(PRESET.vocab_size)
-    shape = (SEQ // tp, BATCH, PRESET.hidden_size)  # sequence-parallel activations cross stages split
-    if parallel_state.is_pipeline_first_stage():
-        hidden = model(batch[0], batch[1], None)
-        dist.send(hidden.detach().contiguous(), parallel_state.get_pipeline_model_parallel_next_rank())
-        grad = torch.empty(shape)
-        dist.recv(grad, parallel_state.get_pipeline_model_parallel_next_rank())
-        hidden.backward(grad)
-    else:
-        hidden = torch.empty(shape)
-        dist.recv(hidden, parallel_state.get_pipeline_model_parallel_prev_rank())
-        hidden.requires_grad_()
-        model.set_input_tensor(hidden)
-        loss = loss_of(model, batch)
-        loss.backward()
-        dist.send(hidden.grad, parallel_state.get_pipeline_model_parallel_prev_rank())
-    all_reduce_tied_embedding_grads(model)
-    layout = "PP=2" if tp == 1 else f"TP={tp} + SP x PP=2"
-    worst, count = _compare_grads(model, reference, layout, sequence_parallel=tp > 1)
-    if not parallel_state.is_pipeline_first_stage():
-        ref_loss = json.loads((reference / "loss.json").read_text())
-        assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss), f"{layout} loss {loss.item()} vs TP=1 {ref_loss}"
-        if parallel_state.get_tensor_model_parallel_rank() == 0:
-            print(
-                f"\n{layout} (manual stage split): loss {loss.item():.6f} (TP=1 {ref_loss:.6f}); "
-                f"max gradient rel err on the last stage {worst:.1e} over {count} tensors"
-            )
+    run_distributed(_layout_worker, 2, reference, 2, 1, 1, sequence_parallel)
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2_sp_pp2"])
 def test_pipeline_parallel_matches_tp1(reference, tp):
-    run_distributed(_pp_worker, 2 * tp, reference, tp)
-
-
-def _cp_worker(rank, world, reference, tp):
-    """CP=2: each rank holds a zig-zag quarter pair of every sequence (Megatron's split); the summed token
-    losses and the CP-summed gradients must equal TP=1's."""
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=2)
-    cp_group = parallel_state.get_context_parallel_group()
-    model = tiny(sequence_parallel=tp > 1)
-    load_checkpoint(model, reference / "weights")
-    ids, positions, labels = fixed_batch(PRESET.vocab_size)
-    local = get_batch_on_this_cp_rank(
-        {"tokens": ids, "position_ids": positions, "labels": labels, "cu_seqlens": None}, False, cp_group
-    )
-    per_token = model(local["tokens"], local["position_ids"], None, labels=local["labels"]).float()
-    loss = per_token.sum() / labels.numel()  # this rank's share of the mean over the whole batch
-    loss.backward()
-    for p in model.parameters():
-        dist.all_reduce(p.grad, group=cp_group)  # Megatron's DDP reduces over data x context parallel ranks
-    total = loss.detach().clone()
-    dist.all_reduce(total, group=cp_group)
-    layout = "CP=2" if tp == 1 else f"CP=2 x TP={tp} + SP"
-    worst, count = _compare_grads(model, reference, layout, sequence_parallel=tp > 1)
-    _report(reference, layout, total.item(), worst, count)
+    """PP=2 by hand; with tp = 2 also TP=2 + SP inside each stage (4 ranks), the layout family of the 7B+
+    launchers."""
+    run_distributed(_layout_worker, 2 * tp, reference, tp, 2, 1, tp > 1)
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["cp2", "cp2_tp2_sp"])
 def test_context_parallel_matches_tp1(reference, tp):
-    run_distributed(_cp_worker, 2 * tp, reference, tp)
+    """CP=2 (zig-zag sequence shares), with tp = 2 also TP=2 + SP: the summed token losses and the CP-summed
+    gradients equal TP=1's."""
+    run_distributed(_layout_worker, 2 * tp, reference, tp, 1, 2, tp > 1)
 
 
 def _save_at_tp2(rank, world, out):

@@ -15,7 +15,7 @@ at the per-GPU shapes of the launchers.
 
 Shapes come from each launcher's defaults (examples/pretrain_tnl_*.sh: PRESET, TP, MBS, SEQ): tokens = MBS x SEQ
 (sequence parallelism gathers them before the column-parallel products), D/TP and F/TP wide. bf16, medians of
---reps calls timed by CUDA events (bench_layer.py's ``Bench``): "ms" is GPU time with the host enqueuing ahead,
+--reps calls timed by CUDA events (op_bench.py's ``Bench``): "ms" is GPU time with the host enqueuing ahead,
 as in a training step (``Bench.gpu_ms``); "ms per call" times each call from an idle GPU, launches included
 (``Bench.time_ms``). GB/s counts the least traffic of the op (glu: forward 3 M F elements, backward 5 M F;
 qkvu: forward 4 M L, backward 10 M L, L = D/TP; lrpe: forward 6 M L, backward 12 M L: q', k' are 2L wide) in
@@ -29,18 +29,14 @@ Writes DIR/bench_fusion.json and DIR/bench_fusion.md.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_layer import Bench
+from op_bench import Bench, launcher_layouts, markdown_table, op_bench, op_parser, results_header, rows_by_case
 
 from megatron_tnllm.configs import get_preset
-from megatron_tnllm.planning.step import launchers
 
 # elements moved per token and per unit of width (F for glu, L = D/TP for qkvu): (forward, backward)
 TRAFFIC = {"glu": (3, 5), "qkvu": (4, 10), "lrpe": (6, 12)}
@@ -124,67 +120,40 @@ def measure(
 
 
 def table(results: dict) -> str:
-    lines = [
-        "| preset (TP) | op | tokens x width | case | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | of HBM "
-        "| old / fused (fwd+bwd) | fwd+bwd ms per call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = [
+        "preset (TP)", "op", "tokens x width", "case", "fwd ms", "fwd GB/s", "fwd+bwd ms", "fwd+bwd GB/s", "of HBM",
+        "old / fused (fwd+bwd)", "fwd+bwd ms per call",
+    ]  # fmt: skip
+    rows = []
     for entry in results["shapes"]:
         for op in TRAFFIC:
-            both: dict = {}
-            for r in entry["rows"]:
-                if r["op"] == op:
-                    both.setdefault(r["case"], {})[r["mode"]] = r
+            both = rows_by_case(entry["rows"], "op", op)
             fused_ms = both["fused"]["fwd+bwd"]["gpu_ms"]
             for case, m in both.items():
                 f, fb = m["fwd"], m["fwd+bwd"]
-                lines.append(
-                    f"| {entry['preset']} ({entry['tp']}) | {op} | {f['tokens']} x {f['width']} | {case} | "
-                    f"{f['gpu_ms']:.4f} | {f['gb_s']:,.0f} | {fb['gpu_ms']:.4f} | {fb['gb_s']:,.0f} | "
-                    f"{fb['of_bandwidth']:.0%} | {fb['gpu_ms'] / fused_ms:.2f} | {fb['call_ms']:.4f} |"
-                )
-    return "\n".join(lines) + "\n"
+                rows.append([
+                    f"{entry['preset']} ({entry['tp']})", op, f"{f['tokens']} x {f['width']}", case,
+                    f"{f['gpu_ms']:.4f}", f"{f['gb_s']:,.0f}", f"{fb['gpu_ms']:.4f}", f"{fb['gb_s']:,.0f}",
+                    f"{fb['of_bandwidth']:.0%}", f"{fb['gpu_ms'] / fused_ms:.2f}", f"{fb['call_ms']:.4f}",
+                ])  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--presets", default="tnl-1b,tnl-7b", help="comma list of launcher presets, or 'all'")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--reps", type=int, default=200)
-    parser.add_argument("--bandwidth", type=float, default=4.25, help="HBM TB/s (H200: 4.8 peak)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, one tiny shape")
+    parser = op_parser(__doc__.split("\n\n")[0], warmup=20, reps=200, smoke="one tiny shape")
     args = parser.parse_args()
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when megatron_tnllm's kernels are first imported, below
-        args.dtype, args.warmup, args.reps = "float32", 1, 2
-    device = torch.device("cpu" if args.smoke else "cuda")
-    bench = Bench(str(device), getattr(torch, args.dtype), args.reps, args.warmup)
-    presets = None if args.presets == "all" else args.presets.split(",")
+    bench = op_bench(args)
     shapes = []
-    for lay in launchers():
-        if presets and lay["preset"] not in presets:
-            continue
+    for lay in launcher_layouts(args.presets):
         cfg, tp = get_preset(lay["preset"]), lay["tp"]
         shapes.append({
             "preset": lay["preset"], "tp": tp, "tokens": lay["mbs"] * lay["seq"], "seq": lay["seq"],
             "mbs": lay["mbs"], "heads": cfg.num_heads // tp,
             "head_dim": cfg.hidden_size // cfg.num_heads, "ffn": cfg.glu_size // tp,
         })  # fmt: skip
-    missing = set(presets or []) - {s["preset"] for s in shapes}
-    if missing:
-        raise SystemExit(f"no launcher in examples/ for {sorted(missing)}")
     if args.smoke:
         shapes = [{"preset": "smoke", "tp": 1, "tokens": 16, "seq": 8, "mbs": 2, "heads": 2, "head_dim": 16, "ffn": 40}]
-    results = {
-        "dtype": args.dtype,
-        "bandwidth_tb_s": args.bandwidth,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "reps": args.reps,
-        "shapes": [],
-    }
+    results = {**results_header(args, bench), "reps": args.reps, "shapes": []}
     for s in shapes:
         M, H, d = s["tokens"], s["heads"], s["head_dim"]
         rows = measure("glu", glu_cases(), (M,), s["ffn"], H, bench, args)

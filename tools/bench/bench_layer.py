@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from op_bench import Bench
 
 from megatron_tnllm.configs import TNLConfig, get_preset
 from megatron_tnllm.planning.memory import (
@@ -48,65 +47,6 @@ from megatron_tnllm.planning.memory import (
 from megatron_tnllm.planning.step import launchers
 
 REAL_WIDTHS = ("tnl-385m", "tnl-1b", "tnl-7b", "tnl-65b", "tnl-175b")
-
-
-class Bench:
-    """Device, dtype and a median timer (CUDA events on a GPU, wall clock on the CPU)."""
-
-    def __init__(self, device: str, dtype: torch.dtype, iters: int, warmup: int) -> None:
-        self.device, self.dtype, self.iters, self.warmup = torch.device(device), dtype, iters, warmup
-        self.cuda = self.device.type == "cuda"
-
-    def time_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    def gpu_ms(self, fn: Callable[[], object], batch: int = 20) -> float:
-        """Median GPU ms of ``fn`` with the host running ahead, as in a training step: a sleep kernel holds the
-        stream while ``batch`` calls are enqueued, so the events time the kernels and not the launches (host time
-        of the calls, measured one at a time first, sizes the sleep). On the CPU: ``time_ms``."""
-        if not self.cuda:
-            return self.time_ms(fn)
-        for _ in range(self.warmup):
-            fn()
-        torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(self.device)
-        host_s = time.perf_counter() - t0
-        times: list[float] = []
-        while len(times) < self.iters:
-            n = min(batch, self.iters - len(times))
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-            torch.cuda._sleep(int(min(2e9, 2 * 2e9 * host_s * n + 1e6)))  # cycles at ~2 GHz: twice the enqueue time
-            for start, end in events:
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize(self.device)
-            times += [start.elapsed_time(end) for start, end in events]
-        return statistics.median(times)
-
-    def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
-
-    def randn(self, *shape: int, requires_grad: bool = False) -> torch.Tensor:
-        x = torch.randn(*shape, device=self.device, dtype=self.dtype)
-        return x.requires_grad_(requires_grad)
 
 
 def projections(cfg: TNLConfig, tp: int) -> dict[str, tuple[int, int]]:

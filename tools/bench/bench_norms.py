@@ -13,10 +13,11 @@ gets a gradient), ``rstd_across_tp+norm_gate_rstd`` (the TP > 1 path on one GPU,
 the Triton sum of squares, the rsqrt in torch, then the Triton norm + gate), the reference eager and compiled,
 ``rms_norm*u`` eager. Compiled cases run after every eager one.
 
-Each case is timed two ways, median of --reps calls with CUDA events around each call: "ms" issues the calls one
-at a time, so it includes the host's time (Python, autograd, launches) wherever that exceeds the GPU's, as a
-small op sees it in eager code; "GPU ms" queues the same calls behind a GPU sleep, so the host runs ahead and
-the events time the kernels alone, as inside a step whose GEMMs keep the GPU busy. GB/s (from GPU ms) counts
+Each case is timed two ways, median of --reps calls with CUDA events around each call (op_bench.py's
+``Bench``): "ms" (``Bench.eager_ms``) issues the calls one at a time, so it includes the host's time (Python,
+autograd, launches) wherever that exceeds the GPU's, as a small op sees it in eager code; "GPU ms"
+(``Bench.gpu_ms``) queues the same calls behind a GPU sleep, so the host runs ahead and the events time the
+kernels alone, as inside a step whose GEMMs keep the GPU busy. GB/s (from GPU ms) counts
 the least traffic of the op (forward: read x [and u], write y; backward: read x, dy [and u], write dx [and du];
 weights ignored), against --bandwidth. The ratio columns divide each case by the fastest PyTorch case.
 
@@ -29,65 +30,28 @@ Writes DIR/bench_norms.json and DIR/bench_norms.md.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from op_bench import Bench, launcher_layouts, markdown_table, op_bench, op_parser, results_header, rows_by_case
 
 
-def launcher_shapes(presets: list[str] | None) -> list[dict]:
-    """One entry per launcher (or those of ``presets``): {preset, tp, sp, norm: (rows, D), gate: (rows, D/TP)}."""
+def launcher_shapes(presets: str) -> list[dict]:
+    """One entry per launcher of the comma list ``presets`` ("all": every one): {preset, tp, sp, norm: (rows, D),
+    gate: (rows, D/TP)}."""
     from megatron_tnllm.configs import get_preset
-    from megatron_tnllm.planning.step import launchers
 
     out = []
-    for lay in launchers():
-        if presets and lay["preset"] not in presets:
-            continue
+    for lay in launcher_layouts(presets):
         tp, sp, tokens = lay["tp"], int(lay["sp"]), lay["mbs"] * lay["seq"]
         D = get_preset(lay["preset"]).hidden_size
         out.append({
             "preset": lay["preset"], "tp": tp, "sp": sp,
             "norm": (tokens // tp if sp else tokens, D), "gate": (tokens, D // tp),
         })  # fmt: skip
-    missing = set(presets or []) - {s["preset"] for s in out}
-    if missing:
-        raise SystemExit(f"no launcher in examples/ for {sorted(missing)}")
     return sorted(out, key=lambda s: get_preset(s["preset"]).num_parameters())
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
-    """(ms, GPU ms) of ``fn``, medians over ``reps`` calls (see the module docstring; on a CPU both are wall)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times), statistics.median(times)
-    out, wall_s = [], 0.0
-    for ahead in (False, True):
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        if ahead:  # ~2 GHz: twice the wall time the calls took one at a time, so the host enqueues them all first
-            torch.cuda._sleep(int(min(2e9, 2 * 2e9 * wall_s + 1e6)))
-        for a, b in events:
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize(device)
-        wall_s = time.perf_counter() - start
-        out.append(statistics.median(a.elapsed_time(b) for a, b in events))
-    return out[0], out[1]
 
 
 OURS = ("srmsnorm", "srmsnorm[triton]", "srmsnorm_gate", "norm_gate_rstd", "rstd_across_tp+norm_gate_rstd")
@@ -139,17 +103,17 @@ def cases(compile_backend: str) -> dict[str, dict[str, Callable]]:
     }
 
 
-def measure(kind: str, name: str, fn: Callable, shape: tuple[int, int], args, device: torch.device) -> list[dict]:
+def measure(kind: str, name: str, fn: Callable, shape: tuple[int, int], args, bench: Bench) -> list[dict]:
     """Forward and forward + backward of one case at one shape -> two rows."""
     rows, D = shape
-    dtype = getattr(torch, args.dtype)
-    x = torch.randn(rows, D, device=device, dtype=dtype, requires_grad=True)
-    other = torch.randn(rows, D, device=device, dtype=dtype, requires_grad=True) if kind == "gate" else None
+    device, dtype = bench.device, bench.dtype
+    x = bench.randn(rows, D, requires_grad=True)
+    other = bench.randn(rows, D, requires_grad=True) if kind == "gate" else None
     w = torch.ones(D, device=device, dtype=dtype, requires_grad=True)
     b = torch.zeros(D, device=device, dtype=dtype, requires_grad=True)
     second = other if kind == "gate" else w
     third = w if kind == "gate" else b
-    dy = torch.randn(rows, D, device=device, dtype=dtype)
+    dy = bench.randn(rows, D)
     inputs = [x] if kind == "norm" else [x, other]
     element = x.element_size() * rows * D
     out = []
@@ -165,7 +129,7 @@ def measure(kind: str, name: str, fn: Callable, shape: tuple[int, int], args, de
         ("fwd", forward, 2 if kind == "norm" else 3),
         ("fwd+bwd", forward_backward, 5 if kind == "norm" else 8),
     ):
-        ms, gpu_ms = timed(run, device, args.warmup, args.reps)
+        ms, gpu_ms = bench.eager_ms(run), bench.gpu_ms(run)
         gbs = tensors * element / (gpu_ms / 1e3) / 1e9
         out.append({
             "kind": kind, "case": name, "mode": mode, "rows": rows, "width": D, "ms": ms, "gpu_ms": gpu_ms,
@@ -175,17 +139,14 @@ def measure(kind: str, name: str, fn: Callable, shape: tuple[int, int], args, de
 
 
 def table(results: dict) -> str:
-    lines = [
-        "| preset (TP) | op | rows x width | case | fwd ms | fwd GPU ms | fwd+bwd ms | fwd+bwd GPU ms "
-        "| fwd+bwd GB/s | / best PyTorch: fwd, fwd+bwd | GPU: fwd, fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = [
+        "preset (TP)", "op", "rows x width", "case", "fwd ms", "fwd GPU ms", "fwd+bwd ms", "fwd+bwd GPU ms",
+        "fwd+bwd GB/s", "/ best PyTorch: fwd, fwd+bwd", "GPU: fwd, fwd+bwd",
+    ]  # fmt: skip
+    rows = []
     for entry in results["shapes"]:
         for kind in ("norm", "gate"):
-            both: dict[str, dict] = {}
-            for r in entry["rows"]:
-                if r["kind"] == kind:
-                    both.setdefault(r["case"], {})[r["mode"]] = r
+            both = rows_by_case(entry["rows"], "kind", kind)
             best = {
                 (mode, key): min(v[mode][key] for k, v in both.items() if k not in OURS)
                 for mode in ("fwd", "fwd+bwd")
@@ -193,48 +154,35 @@ def table(results: dict) -> str:
             }
             for case, m in both.items():
                 f, fb = m["fwd"], m["fwd+bwd"]
-                lines.append(
-                    f"| {entry['preset']} ({entry['tp']}) | {kind} | {f['rows']} x {f['width']} | {case} | "
-                    f"{f['ms']:.4f} | {f['gpu_ms']:.4f} | {fb['ms']:.4f} | {fb['gpu_ms']:.4f} | {fb['gb_s']:,.0f} | "
-                    f"{f['ms'] / best['fwd', 'ms']:.2f}, {fb['ms'] / best['fwd+bwd', 'ms']:.2f} | "
-                    f"{f['gpu_ms'] / best['fwd', 'gpu_ms']:.2f}, {fb['gpu_ms'] / best['fwd+bwd', 'gpu_ms']:.2f} |"
-                )
-    return "\n".join(lines) + "\n"
+                rows.append([
+                    f"{entry['preset']} ({entry['tp']})", kind, f"{f['rows']} x {f['width']}", case,
+                    f"{f['ms']:.4f}", f"{f['gpu_ms']:.4f}", f"{fb['ms']:.4f}", f"{fb['gpu_ms']:.4f}",
+                    f"{fb['gb_s']:,.0f}",
+                    f"{f['ms'] / best['fwd', 'ms']:.2f}, {fb['ms'] / best['fwd+bwd', 'ms']:.2f}",
+                    f"{f['gpu_ms'] / best['fwd', 'gpu_ms']:.2f}, {fb['gpu_ms'] / best['fwd+bwd', 'gpu_ms']:.2f}",
+                ])  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--presets", default="tnl-1b,tnl-7b", help="comma list of launcher presets, or 'all'")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--reps", type=int, default=50)
+    parser = op_parser(__doc__.split("\n\n")[0], warmup=10, reps=50, smoke="2 tiny shapes")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--bandwidth", type=float, default=4.25, help="HBM TB/s (H200: 4.8 peak)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, 2 tiny shapes")
     args = parser.parse_args()
+    bench = op_bench(args)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when megatron_tnllm's kernels are first imported, below
-        args.dtype, args.warmup, args.reps, args.compile_backend = "float32", 1, 2, "aot_eager"
-    device = torch.device("cpu" if args.smoke else "cuda")
-    presets = None if args.presets == "all" else args.presets.split(",")
-    shapes = launcher_shapes(presets)
+        args.compile_backend = "aot_eager"
+    shapes = launcher_shapes(args.presets)
     if args.smoke:
         shapes = [{"preset": "smoke", "tp": 1, "sp": 0, "norm": (16, 256), "gate": (8, 128)}]
     table_cases = cases(args.compile_backend)
-    results = {
-        "dtype": args.dtype,
-        "bandwidth_tb_s": args.bandwidth,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-    }
+    results = results_header(args, bench)
     results["shapes"] = [{**entry, "rows": []} for entry in shapes]
     for compiled in (False, True):  # compiled cases last: nothing eager is timed after Inductor has run
         for entry in results["shapes"]:
             for kind in ("norm", "gate"):
                 for name, fn in table_cases[kind].items():
                     if name.endswith("+compile") == compiled:
-                        entry["rows"].extend(measure(kind, name, fn, entry[kind], args, device))
+                        entry["rows"].extend(measure(kind, name, fn, entry[kind], args, bench))
                         print(json.dumps(entry["rows"][-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_norms.json").write_text(json.dumps(results, indent=1) + "\n")
