@@ -125,6 +125,8 @@ plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --vpp "$VPP" --dp "$DP" --cp "$CP
 (( SP )) && plan+=(--sp)
 (( DISTOPT )) || plan+=(--no-distributed-optimizer)
 "$PYTHON" "$here/../tools/plan_memory.py" "${plan[@]}"
+# A run killed while Megatron rewrote its checkpoint tracker could not start again: name the newest complete one
+"$PYTHON" -m megatron_tnllm.checkpoint_tracker "$CKPT_DIR" || exit 1
 
 args=(
     "${model_args[@]}"

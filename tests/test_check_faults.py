@@ -1,7 +1,8 @@
 """tools/gpu_checks/check_faults.sh end to end on a CPU, through the launcher and torchrun, against a stand-in
 pretrain_gpt.py that logs, checkpoints and resumes as Megatron-LM does (tracker file written after the checkpoint's
-data): both kill -9 scenarios pass. (With STANDIN_TRACKER_FIRST=1 the stand-in names a checkpoint in the tracker
-before writing it, and the script reports the half-written checkpoint as loaded and exits 1.)"""
+data): the three kill -9 scenarios pass (between checkpoints, while writing one, and with the tracker emptied as a
+kill inside Megatron's rewrite of it leaves it). (With STANDIN_TRACKER_FIRST=1 the stand-in names a checkpoint in
+the tracker before writing it, and the script reports the half-written checkpoint as loaded and exits 1.)"""
 
 import os
 import socket
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Megatron-LM's behaviour as check_faults.sh reads it: one log line per iteration (the second after a start
 # averaged with the first), "successfully loaded checkpoint ... at iteration N" on resume from the iteration the
 # tracker names, checkpoints every --save-interval and at the end, each a directory whose data takes a while to
-# write, then the tracker.
+# write (rank data, then DCP's .metadata, then dist_checkpointing's metadata.json, as Megatron orders them), then
+# the tracker.
 TRAINER = """import os, sys, time
 a = sys.argv[1:]
 last = lambda flag: a[len(a) - 1 - a[::-1].index(flag) + 1]
@@ -40,6 +42,7 @@ for i in range(start + 1, end + 1):
         open(os.path.join(ckpt, "__0_0.distcp"), "w").write("x")
         time.sleep(0.5)
         open(os.path.join(ckpt, ".metadata"), "w").write("x")
+        open(os.path.join(ckpt, "metadata.json"), "w").write("{}")
         open(tracker, "w").write(str(i))
 """
 
@@ -60,7 +63,7 @@ def standin(tmp_path_factory) -> dict:
 def _check_faults(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     run_env = {**env, "GPUS": "1", "TRAIN_ITERS": "10", "SAVE_INTERVAL": "4", "KILL_AT": "6"}
     run_env["WORK_DIR"] = str(tmp_path / "work")
-    with socket.socket() as sock:  # the script uses this port and the next four
+    with socket.socket() as sock:  # the script uses this port and the next six
         sock.bind(("127.0.0.1", 0))
         run_env["MASTER_PORT"] = str(sock.getsockname()[1])
     return subprocess.run(
@@ -76,6 +79,7 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint(standin, tmp_path)
     assert "tracker 4 at the kill, 4 after; 1 files in the half-written directory" in done.stdout
     for name in ("between", "writing"):  # the killed runs' losses; restarts are compared to 1e-6 (averaged lines)
         assert f"{name}.log: max relative loss difference 0.00e+00 over iterations 1-" in done.stdout, done.stdout
-    for name in ("between_restart", "writing_restart"):
+    assert "killed at iteration 6; tracker emptied (checkpoint 4 complete on disk)" in done.stdout
+    for name in ("between_restart", "writing_restart", "tracker_restart"):
         assert f"{name}.log: max relative loss difference" in done.stdout and f"FAIL: {name}" not in done.stdout
-    assert "fault checks passed: 1 GPU(s), both restarts loaded iteration 4" in done.stdout
+    assert "fault checks passed: 1 GPU(s), all three restarts loaded iteration 4" in done.stdout

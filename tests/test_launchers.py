@@ -312,3 +312,28 @@ def test_sbatch_launcher_refuses_bad_slurm_values(slurm_env, tmp_path, slurm, li
     assert done.returncode != 0 and line in done.stderr, done.stderr[-2000:]
     assert len(done.stderr.strip().splitlines()) == 1
     assert not record.exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_launcher_repairs_an_emptied_checkpoint_tracker(launch_env, tmp_path):
+    """A kill while Megatron rewrote latest_checkpointed_iteration.txt leaves it empty; the launcher points it at
+    the newest complete checkpoint before starting (and refuses to start when there is none)."""
+    root, env = launch_env
+    _clear_records(root)
+    ckpt = tmp_path / "ckpt"
+    for it, complete in ((20, True), (40, False)):
+        (ckpt / f"iter_{it:07d}").mkdir(parents=True)
+        if complete:
+            (ckpt / f"iter_{it:07d}" / "metadata.json").write_text("{}")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("")
+    layout = {"CKPT_DIR": str(ckpt), "GPUS_PER_NODE": 1, "MOCK_DATA": 1}
+    done = _launch(env, "pretrain_tnl_385m.sh", **layout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it now names iteration 20, the newest complete checkpoint" in done.stdout
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "20" and len(_records(root)) == 1
+
+    _clear_records(root)
+    (ckpt / "iter_0000020" / "metadata.json").unlink()
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("")
+    refused = _launch(env, "pretrain_tnl_385m.sh", **layout)
+    assert refused.returncode != 0 and "has no complete torch_dist checkpoint" in refused.stderr
+    assert not _records(root)  # nothing was launched
