@@ -88,6 +88,7 @@ SPECS: dict[str, SpecInfo] = {
         SpecInfo("tnl_scaled_embedding", scale_embedding=True),  # the 1B/385M settings at any shape
         *(_of_preset(p) for p in HYBRID_PRESETS.values()),  # softmax attention on every 8th layer (MiniMax-01)
         SpecInfo("tnl_hybrid", softmax_every=8),  # the same at any shape
+        SpecInfo("tnl_hybrid_scaled_embedding", scale_embedding=True, softmax_every=8),  # with the 1B/385M scale
     )
 }
 

@@ -12,7 +12,8 @@ LRPE layers and embedding scale a NAME means is the row of :data:`megatron_tnllm
 * ``tnl``: any shape; LRPE on layer 0, no embedding scale (the 7B/3B settings).
 * ``tnl_scaled_embedding``: any shape; LRPE on layer 0, embeddings scaled by sqrt(hidden size).
 * ``tnl_tiny_hybrid`` ... ``tnl_175b_hybrid``: the hybrid presets (softmax attention on every 8th layer, the
-  MiniMax-01 layout; :mod:`megatron_tnllm.hybrid`), shape checked; ``tnl_hybrid``: the same at any shape.
+  MiniMax-01 layout; :mod:`megatron_tnllm.hybrid`), shape checked; ``tnl_hybrid``: the same at any shape;
+  ``tnl_hybrid_scaled_embedding``: the same with embeddings scaled by sqrt(hidden size).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "tnl_7b_hybrid",
     "tnl_block_spec",
     "tnl_hybrid",
+    "tnl_hybrid_scaled_embedding",
     "tnl_layer_spec",
     "tnl_scaled_embedding",
     "tnl_tiny",
@@ -184,3 +186,4 @@ tnl_13b_hybrid = _block_spec(SPECS["tnl_13b_hybrid"])
 tnl_65b_hybrid = _block_spec(SPECS["tnl_65b_hybrid"])
 tnl_175b_hybrid = _block_spec(SPECS["tnl_175b_hybrid"])
 tnl_hybrid = _block_spec(SPECS["tnl_hybrid"])
+tnl_hybrid_scaled_embedding = _block_spec(SPECS["tnl_hybrid_scaled_embedding"])

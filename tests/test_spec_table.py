@@ -33,6 +33,17 @@ def test_block_spec_builds_the_rows_lrpe_layers_and_embedding_scale(name, monkey
     assert layer.params["embedding_scale"] == (math.sqrt(256) if name != "tnl" else 1.0)
 
 
+@pytest.mark.parametrize("name", ["tnl_hybrid", "tnl_hybrid_scaled_embedding"])
+def test_shape_free_hybrid_specs_put_softmax_on_every_8th_layer(name, monkeypatch):
+    monkeypatch.setattr(specs, "get_num_layers_to_build", lambda config, vp_stage: config.num_layers)  # no PP state
+    config = TINY.replace(num_layers=16).to_transformer_config(use_cpu_initialization=True)
+    block = getattr(specs, name)(SimpleNamespace(transformer=config))
+    mixers = {layer.submodules.self_attention.params["softmax_layers"] for layer in block.layer_specs}
+    assert mixers == {frozenset({7, 15})}
+    scales = {layer.params["embedding_scale"] for layer in block.layer_specs}
+    assert scales == {math.sqrt(256) if name.endswith("scaled_embedding") else 1.0}
+
+
 def test_preset_rows_are_the_presets():
     for preset in PRESETS.values():
         row = spec_info(preset.spec_name)
@@ -51,6 +62,10 @@ def test_spec_for_prefers_the_preset_then_the_shape_free_spec():
     assert spec_for(wider).name == "tnl_scaled_embedding"
     assert spec_for(wider.replace(scale_embedding=False)).name == "tnl"
     assert spec_for(wider.replace(lrpe_layers=(0, 1))) is None
+    hybrid = wider.replace(num_layers=8, softmax_layers=(7,))  # the last of every 8 layers
+    assert spec_for(hybrid).name == "tnl_hybrid_scaled_embedding"
+    assert spec_for(hybrid.replace(scale_embedding=False)).name == "tnl_hybrid"
+    assert spec_for(hybrid.replace(softmax_layers=(3, 7))) is None  # no spec builds it at a custom shape
 
 
 def test_spec_of_args_reads_only_this_tables_module():
