@@ -83,3 +83,15 @@ def test_interrupt_scores_the_model_trained_so_far(tmp_path):
     result = json.loads((tmp_path / "recall.json").read_text())
     assert 4 <= result["settings"]["steps_done"]["tnl"] < 100000
     assert 0 <= result["accuracy"]["tnl"]["16"] <= 1
+
+
+def test_eval_lengths_score_beyond_the_training_lengths_and_bad_ones_fail_first(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "recall_task.py"
+    base = [sys.executable, str(tool), "--smoke", "--models", "tnl", "--device", "cpu", "--out", str(tmp_path)]
+    subprocess.run([*base, "--eval-lengths", "16", "64"], check=True)
+    result = json.loads((tmp_path / "recall.json").read_text())
+    assert set(result["accuracy"]["tnl"]) == {"16", "64"} and result["settings"]["lengths"] == [16, 32]
+    assert (tmp_path / "recall.md").read_text().splitlines()[0] == "| model | steps | L=16 (N=4) | L=64 (N=16) |"
+    bad = subprocess.run([*base, "--eval-lengths", "18"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "sequence length 18 is not a multiple of 4" in bad.stderr
+    assert "step" not in bad.stdout  # refused before any training

@@ -7,12 +7,12 @@ predict its value as the next token (Zoology's MQAR, arXiv 2312.04927, with the 
 
 Keys and values come from disjoint halves of the vocabulary; the loss and the accuracy count the answers
 a_i only. Each model trains on a mix of sequence lengths (N = length / 4) and is scored, per length, on fresh
-sequences. The three models are the Hugging Face class of this package with the same width, depth, heads and
-SGLU: ``tnl`` (lightning attention everywhere, LRPE on layer 0), ``hybrid`` (softmax attention on every
-second layer, the others TNL), ``softmax`` (softmax attention everywhere, no position encoding: the hybrid's
-softmax layer alone) and ``softmax_rope`` (the same with rotary position embedding on q and k, the usual
-softmax baseline: MQAR binds each value to the key before it, a previous-token step that a position-free
-softmax model finds hard).
+sequences, at the training lengths or at ``--eval-lengths`` (longer ones: more pairs than it trained on). The
+models are the Hugging Face class of this package with the same width, depth, heads and SGLU: ``tnl``
+(lightning attention everywhere, LRPE on layer 0), ``hybrid`` (softmax attention on every second layer, the
+others TNL), ``softmax`` (softmax attention everywhere, no position encoding: the hybrid's softmax layer alone)
+and ``softmax_rope`` (the same with rotary position embedding on q and k, the usual softmax baseline: MQAR binds
+each value to the key before it, a previous-token step that a position-free softmax model finds hard).
 
     python tools/recall_task.py --out DIR          # the full run (defaults below), meant for one GPU
     python tools/recall_task.py --smoke --out DIR  # a few steps of each model, seconds (checks the tool)
@@ -170,7 +170,7 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> tuple[dict
     g_eval = torch.Generator().manual_seed(args.seed + 1)
     accuracy = {}
     with torch.no_grad():
-        for length in args.lengths:
+        for length in args.eval_lengths:
             hits = [
                 answer_loss_and_hits(
                     model, *(t.to(device) for t in mqar_batch(args.batch, length, args.num_keys, g_eval))
@@ -185,7 +185,7 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> tuple[dict
 def write_results(out: Path, results: dict[str, dict[int, float]], settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall.json").write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
-    lengths = settings["lengths"]
+    lengths = settings["eval_lengths"]
     steps = settings["steps_done"]
     rows = ["| model | steps | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |"]
     rows.append("|---" * (len(lengths) + 2) + "|")
@@ -205,7 +205,11 @@ def write_results(out: Path, results: dict[str, dict[int, float]], settings: dic
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for kind, acc in results.items():
         ax.plot(lengths, [acc[n] for n in lengths], marker="o", label=kind)
+    trained = max(settings["lengths"])
+    if lengths[-1] > trained:  # shade the lengths longer than any trained on: recall of more pairs than seen
+        ax.axvspan(trained * 2**0.5, lengths[-1] * 1.2, color="0.9", label="longer than trained")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(lengths[0] / 1.2, lengths[-1] * 1.2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("sequence length (key-value pairs = length / 4)")
@@ -223,6 +227,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps at short lengths (checks the tool)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--lengths", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    p.add_argument(
+        "--eval-lengths",
+        type=int,
+        nargs="+",
+        help="lengths to score at (default: --lengths); longer ones test recall of more pairs than trained on",
+    )
     p.add_argument("--num-keys", type=int, default=64, help="distinct keys (and values) in the vocabulary")
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -237,6 +247,9 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.lengths, args.steps, args.batch, args.eval_batches, args.log_every = [16, 32], 4, 4, 1, 2
+    args.eval_lengths = args.eval_lengths or args.lengths
+    for length in {*args.lengths, *args.eval_lengths}:
+        mqar_batch(1, length, args.num_keys, torch.Generator())  # a bad length or too few keys fails here, not late
     shape = TNLConfig(
         name="mqar",
         num_layers=args.layers,
@@ -244,7 +257,7 @@ def main() -> None:
         num_heads=args.heads,
         glu_size=2 * args.hidden_size,
         vocab_size=2 * args.num_keys + 1,
-        seq_length=max(args.lengths),
+        seq_length=max(args.lengths + args.eval_lengths),
     )
     device = torch.device(args.device)
     results, steps_done = {}, {}
