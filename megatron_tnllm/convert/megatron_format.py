@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
+from megatron_tnllm.checkpoint_tracker import TRACKER
 from megatron_tnllm.configs import TNLConfig
 from megatron_tnllm.convert.errors import ConversionError, note
 from megatron_tnllm.convert.layout import (
@@ -45,7 +46,6 @@ from megatron_tnllm.convert.layout import (
 from megatron_tnllm.convert.safe_load import SafeFileSystemReader, read_common_state, read_dcp_metadata, safe_torch_load
 from megatron_tnllm.spec_table import SPECS, spec_for, spec_of_args
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 # What Megatron's save records with the model (megatron/training/checkpointing.py, _build_sharded_state_dict_metadata
 # without a distributed optimizer).
