@@ -7,6 +7,8 @@
 #           TOKENIZER_MODEL  SentencePiece model (examples/prepare_data.sh writes OUT/tokenizer.model)
 # Optional: CKPT_DIR (default runs/$PRESET), TRAIN_ITERS, LR, SAVE_INTERVAL, LOG_INTERVAL, GPUS_PER_NODE,
 #           NNODES (default: SLURM's node count, else 1; more than 1 only under SLURM), MASTER_PORT (default 29500),
+#           CROSS_ENTROPY (tnl, the default: megatron_tnllm's one-pass loss, which needs the patch
+#           patches/core_v0.19.0-tnl-cross-entropy.patch; megatron: Megatron's own),
 #           PYTHON; any of the layout variables (TP PP VPP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
 #           launcher's choice (CP, context parallelism, defaults to 1; VPP, virtual pipeline stages per pipeline
 #           rank for Megatron's interleaved 1F1B schedule, defaults to 1); extra pretrain_gpt.py arguments after
@@ -34,6 +36,7 @@ check_int() {
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at tag core_v0.19.0}"
 : "${PRESET:?set PRESET (the launchers do)}"
 : "${MOCK_DATA:=0}" "${GPUS_PER_NODE:=8}" "${NNODES:=1}" "${MASTER_PORT:=29500}" "${CP:=1}" "${VPP:=1}"
+: "${CROSS_ENTROPY:=tnl}"
 : "${TRAIN_ITERS:=100000}" "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${LR:=3e-4}"
 for flag in MOCK_DATA SP DISTOPT; do check_int "$flag" 0 1; done
 for positive in GPUS_PER_NODE NNODES TP PP CP VPP MBS GBS SEQ TRAIN_ITERS SAVE_INTERVAL LOG_INTERVAL; do
@@ -41,6 +44,13 @@ for positive in GPUS_PER_NODE NNODES TP PP CP VPP MBS GBS SEQ TRAIN_ITERS SAVE_I
 done
 check_int MASTER_PORT 1 65535
 [[ ${RECOMPUTE-} == none || ${RECOMPUTE-} == full ]] || die "$(printf 'RECOMPUTE=%q' "${RECOMPUTE-}"): expected none or full"
+[[ $CROSS_ENTROPY == tnl || $CROSS_ENTROPY == megatron ]] \
+    || die "$(printf 'CROSS_ENTROPY=%q' "$CROSS_ENTROPY"): expected tnl or megatron"
+for arg in "$@"; do  # Megatron-LM refuses loss fusion in deterministic mode; say so before anything runs
+    if [[ $arg == --deterministic-mode && $CROSS_ENTROPY == tnl ]]; then
+        die "--deterministic-mode needs CROSS_ENTROPY=megatron (Megatron-LM refuses --cross-entropy-loss-fusion with it)"
+    fi
+done
 # a decimal number; Python checks it is positive and finite and divides it by 10 for --min-lr
 [[ $LR =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] \
     || die "$(printf 'LR=%q' "$LR"): expected a positive decimal number such as 3e-4"
@@ -121,7 +131,7 @@ vocab=${model_args[0]} min_lr=${model_args[1]}
 model_args=("${model_args[@]:2}")
 
 plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --vpp "$VPP" --dp "$DP" --cp "$CP" --mbs "$MBS" --gbs "$GBS"
-      --seq "$SEQ" --recompute "$RECOMPUTE" --vocab-size "$vocab")
+      --seq "$SEQ" --recompute "$RECOMPUTE" --vocab-size "$vocab" --cross-entropy "$CROSS_ENTROPY")
 (( SP )) && plan+=(--sp)
 (( DISTOPT )) || plan+=(--no-distributed-optimizer)
 "$PYTHON" "$here/../tools/plan_memory.py" "${plan[@]}"
@@ -145,6 +155,8 @@ args=(
 (( VPP > 1 )) && args+=(--num-virtual-stages-per-pipeline-rank "$VPP")
 (( SP )) && args+=(--sequence-parallel)
 (( DISTOPT )) && args+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
+# megatron_tnllm's cross-entropy (patches/core_v0.19.0-tnl-cross-entropy.patch): one pass over the logits each way
+[[ $CROSS_ENTROPY == tnl ]] && args+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl tnl)
 [[ $RECOMPUTE == full ]] && args+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1   # Megatron's TP/SP communication overlap relies on in-order kernels

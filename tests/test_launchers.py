@@ -104,6 +104,21 @@ def test_7b_launcher_with_context_parallelism(launch_env):
     assert value("--tokenizer-model") == env["TOKENIZER_MODEL"]
     assert value("--lr") == "3e-4" and value("--min-lr") == "2.9999999999999997e-05"
     assert "--num-virtual-stages-per-pipeline-rank" not in argv  # VPP defaults to 1: no interleaving
+    assert value("--cross-entropy-fusion-impl") == "tnl" and "--cross-entropy-loss-fusion" in argv  # CROSS_ENTROPY
+
+
+def test_megatron_cross_entropy_on_request(launch_env):
+    """CROSS_ENTROPY=megatron: pretrain_gpt.py's own loss (no fusion flags), and the planner counts its fp32 logits."""
+    root, env = launch_env
+    _clear_records(root)
+    plans = []
+    for choice in ("tnl", "megatron"):
+        done = _launch(env, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1, CROSS_ENTROPY=choice)
+        assert done.returncode == 0, done.stderr[-2000:]
+        plans.append(float(next(x for x in done.stdout.splitlines() if x.startswith("  logits")).split()[1]))
+        argv = json.loads((root / "record.0.json").read_text())["argv"]
+        assert ("--cross-entropy-fusion-impl" in argv) == (choice == "tnl")
+    assert plans[0] < plans[1], plans  # GiB of logits planned: 4 B per logit against 10 B (tests/test_planning.py)
 
 
 def test_launcher_refuses_a_layout_that_does_not_divide_the_gpus(launch_env):
@@ -179,6 +194,7 @@ def _refused(done, root, line):
         ({"DISTOPT": "yes"}, "DISTOPT=yes: expected an integer from 0 to 1"),
         ({"MOCK_DATA": "true"}, "MOCK_DATA=true: expected an integer from 0 to 1"),
         ({"RECOMPUTE": "selective"}, "RECOMPUTE=selective: expected none or full"),
+        ({"CROSS_ENTROPY": "native"}, "CROSS_ENTROPY=native: expected tnl or megatron"),
         ({"LR": "3e-4/10"}, "LR=3e-4/10: expected a positive decimal number"),
         ({"LR": "0"}, "LR=0: expected a positive finite number"),
         ({"LR": "1e999"}, "LR=1e999: expected a positive finite number"),
@@ -198,6 +214,25 @@ def test_launcher_refuses_a_bad_value_in_one_line_before_launching(launch_env, l
     _refused(_launch(env, "pretrain_tnl_7b.sh", **layout), root, line)
 
 
+def test_deterministic_mode_needs_megatron_cross_entropy(launch_env):
+    """Megatron-LM refuses --cross-entropy-loss-fusion with --deterministic-mode: the launcher says so first, and
+    launches with CROSS_ENTROPY=megatron."""
+    root, env = launch_env
+    _clear_records(root)
+    script = str(ROOT / "examples" / "pretrain_tnl_385m.sh")
+    done = subprocess.run(
+        ["bash", script, "--deterministic-mode"], env={**env, "GPUS_PER_NODE": "1"}, capture_output=True, text=True
+    )
+    _refused(done, root, "--deterministic-mode needs CROSS_ENTROPY=megatron")
+    done = subprocess.run(
+        ["bash", script, "--deterministic-mode"],
+        env={**env, "GPUS_PER_NODE": "1", "CROSS_ENTROPY": "megatron"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    argv = json.loads((root / "record.0.json").read_text())["argv"]
+    assert "--deterministic-mode" in argv and "--cross-entropy-loss-fusion" not in argv
+
+
 def test_launcher_refuses_a_file_that_is_not_a_tokenizer(launch_env, tmp_path):
     root, env = launch_env
     _clear_records(root)
@@ -210,7 +245,7 @@ def test_launcher_refuses_a_file_that_is_not_a_tokenizer(launch_env, tmp_path):
 # subscripts (of a variable that is set, such as PATH) in a value, and LR / PRESET were pasted into Python source.
 _VARIABLES = (
     "MOCK_DATA GPUS_PER_NODE NNODES MASTER_PORT TP PP VPP CP SP MBS GBS SEQ DISTOPT RECOMPUTE TRAIN_ITERS "
-    "SAVE_INTERVAL LOG_INTERVAL LR PRESET"
+    "SAVE_INTERVAL LOG_INTERVAL LR PRESET CROSS_ENTROPY"
 ).split()
 
 

@@ -4,13 +4,16 @@ the patched code does what the patch says."""
 import importlib.util
 import shutil
 import subprocess
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
 import megatron.training
 import pytest
+import torch
 
 from megatron_tnllm.flops import tnl_training_flops
+from megatron_tnllm.ops.cross_entropy import cross_entropy_torch
 
 PATCHES = sorted((Path(__file__).resolve().parents[1] / "patches").glob("*.patch"))
 MEGATRON = Path(megatron.training.__file__).resolve().parents[1]  # the wheel's megatron/ (same files as the tag)
@@ -46,15 +49,45 @@ def test_patched_files_of_the_wheel_are_the_tags(patch):
             assert wheel.startswith(blob), f"{path}: the wheel's file is blob {wheel}, the patch was made from {blob}"
 
 
+def load_patched(root: Path, path: str, package: str):
+    """The module at ``root / path`` (a patched copy of one of megatron's files), imported beside the installed
+    ``package`` so that its relative imports resolve to the installed one."""
+    spec = importlib.util.spec_from_file_location(f"{package}._patched_{Path(path).stem}", root / path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = package
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_flops_patch_reports_tnl_flops(tmp_path):
     apply(Path(__file__).resolve().parents[1] / "patches" / "core_v0.19.0-tnl-flops.patch", tmp_path)
-    path = tmp_path / "megatron/training/training.py"
-    spec = importlib.util.spec_from_file_location("megatron.training._patched_training", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "megatron.training"  # its relative imports resolve to the installed package
-    spec.loader.exec_module(module)
+    module = load_patched(tmp_path, "megatron/training/training.py", "megatron.training")
     args = SimpleNamespace(
         spec=["megatron_tnllm.specs", "tnl_1b"], num_layers=16, hidden_size=2048, num_attention_heads=16,
         ffn_hidden_size=5632, padded_vocab_size=64000, seq_length=4096,
     )  # fmt: skip
     assert module.num_floating_point_operations(args, batch_size=8) == tnl_training_flops(args, 8 * 4096)
+
+
+def test_cross_entropy_patch_offers_tnl_and_computes_its_loss(tmp_path):
+    """--cross-entropy-fusion-impl takes "tnl" (the config's Literal is what Megatron's argument parser offers), and
+    the language model's loss with it is megatron_tnllm's cross-entropy: the oracle's numbers."""
+    apply(Path(__file__).resolve().parents[1] / "patches" / "core_v0.19.0-tnl-cross-entropy.patch", tmp_path)
+    config = load_patched(tmp_path, "megatron/core/model_parallel_config.py", "megatron.core")
+    impl = typing.get_type_hints(config.ModelParallelConfig)["cross_entropy_fusion_impl"]
+    assert typing.get_args(impl) == ("native", "te", "tnl")
+    module = load_patched(
+        tmp_path, "megatron/core/models/common/language_module/language_module.py",
+        "megatron.core.models.common.language_module",
+    )  # fmt: skip
+    model = SimpleNamespace(
+        config=SimpleNamespace(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="tnl"),
+        pg_collection=SimpleNamespace(tp=None),  # one rank holds the whole vocabulary
+    )
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2, 40, generator=g, dtype=torch.float64)  # [s, b, V]
+    labels = torch.randint(0, 40, (2, 6), generator=g)  # [b, s]
+    loss = module.LanguageModule.compute_language_model_loss(model, labels, logits)
+    assert loss.shape == (2, 6)
+    expected = cross_entropy_torch(logits, labels.t()).t()
+    assert torch.allclose(loss, expected, rtol=1e-14, atol=0)

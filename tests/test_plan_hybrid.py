@@ -138,8 +138,8 @@ def test_hybrid_command_lines(capsys):
 
 
 # Outputs of pure-TNL command lines recorded before softmax layers were counted (the memory plan re-recorded when the
-# activation model followed the fused qkvu split and SGLU product, and the fused LRPE): counting softmax layers must
-# not change them.
+# activation model followed the fused qkvu split and SGLU product, and the fused LRPE; the step plan when the step
+# model's elementwise and cross-entropy costs were measured again): counting softmax layers must not change them.
 BEFORE = {
     ("memory", "--preset tnl-7b --tp 2 --sp --dp 4 --mbs 1 --seq 4096"): """\
 tnl-7b: TP=2 PP=1 DP=4 CP=1 SP mbs=1 seq=4096 recompute=none distributed-optimizer=True
@@ -155,17 +155,17 @@ tnl-7b: TP=2 PP=1 DP=4 CP=1 SP mbs=1 seq=4096 recompute=none distributed-optimiz
   fits H200 141GB: yes
 """,
     ("step", "--preset tnl-175b --tp 8 --sp --pp 12 --vpp 2 --dp 2 --gbs 1536"): """\
-tnl-175b: 192 GPUs, step 38.294 s, 428 tokens/s/GPU, 450 TFLOP/s/GPU, MFU 45.5% of 989 (56.9% of 790), \
-140.9 days per 10^12 tokens
-  pipeline_s         38125.85 ms
-  bubble_s             262.12 ms
+tnl-175b: 192 GPUs, step 38.377 s, 427 tokens/s/GPU, 449 TFLOP/s/GPU, MFU 45.4% of 989 (56.8% of 790), \
+141.2 days per 10^12 tokens
+  pipeline_s         38208.95 ms
+  bubble_s             262.17 ms
   p2p_s                  0.00 ms
-  dp_exposed_s          93.97 ms
+  dp_exposed_s          93.86 ms
   optimizer_s           23.88 ms
   layer_s                5.94 ms
   layer_gemm_s           3.75 ms
   layer_tp_comm_s        1.14 ms
-  logits_s               1.79 ms
+  logits_s               1.90 ms
 """,
 }
 

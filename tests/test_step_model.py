@@ -39,6 +39,16 @@ RECORDED = [
     ("1b hybrid seq 2k", "tnl-1b-hybrid", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 0.8574),
     ("1b hybrid seq 8k", "tnl-1b-hybrid", 64000, Layout(mbs=2, seq=8192, num_microbatches=4), 0.8884),
     ("1b hybrid seq 32k", "tnl-1b-hybrid", 64000, Layout(mbs=1, seq=32768, num_microbatches=2), 0.9640),
+    # docs/training.md §4 with megatron_tnllm's cross-entropy (--cross-entropy-fusion-impl tnl)
+    ("1b tnl loss seq 2k", "tnl-1b", 64000, Layout(mbs=8, seq=2048, num_microbatches=4, cross_entropy="tnl"), 0.7782),
+    ("1b tnl loss seq 8k", "tnl-1b", 64000, Layout(mbs=2, seq=8192, num_microbatches=4, cross_entropy="tnl"), 0.7546),
+    ("1b tnl loss seq 32k", "tnl-1b", 64000, Layout(mbs=1, seq=32768, num_microbatches=2, cross_entropy="tnl"),
+     0.7457),
+    ("1b hybrid tnl loss seq 8k", "tnl-1b-hybrid", 64000,
+     Layout(mbs=2, seq=8192, num_microbatches=4, cross_entropy="tnl"), 0.7839),
+    ("1b hybrid tnl loss seq 32k", "tnl-1b-hybrid", 64000,
+     Layout(mbs=1, seq=32768, num_microbatches=2, cross_entropy="tnl"), 0.8515),
+    ("1b Megatron loss seq 2k, same run", "tnl-1b", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 0.8385),
 ]  # fmt: skip
 
 
@@ -63,6 +73,23 @@ def test_recorded_throughput_figures():
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] * 1e12 / 989e12)
     r = predict(get_preset("tnl-385m").replace(vocab_size=8192), Layout(mbs=4, num_microbatches=2))
     assert r["tflops_per_gpu"] == pytest.approx(118.1, rel=0.15)
+
+
+def test_cross_entropy_choice_costs_its_logit_bytes():
+    """megatron_tnllm's loss moves 6.3 B per logit (measured; 6 B: bf16 logits read twice, gradient written once)
+    and holds 4 B, Megatron's 66.4 B and 10 B; the launchers use megatron_tnllm's (examples/common.sh's
+    CROSS_ENTROPY)."""
+    from megatron_tnllm.planning.memory import plan
+
+    cfg, tokens = get_preset("tnl-1b"), 8 * 2048
+    tnl, megatron = (Layout(mbs=8, seq=2048, num_microbatches=4, cross_entropy=c) for c in ("tnl", "megatron"))
+    assert predict(cfg, megatron)["logits_s"] - predict(cfg, tnl)["logits_s"] == pytest.approx(
+        (66.4 - 6.3) * tokens * 64000 / plan_step.HBM_BW
+    )
+    assert (plan(cfg, tnl)["logits"], plan(cfg, megatron)["logits"]) == (4 * tokens * 64000, 10 * tokens * 64000)
+    with pytest.raises(ValueError, match="cross_entropy must be one of \\('megatron', 'tnl'\\), got 'native'"):
+        Layout(cross_entropy="native")
+    assert {launcher_layout(lay).cross_entropy for lay in launchers()} == {"tnl"}
 
 
 def test_interleaving_divides_the_bubble_by_vpp():

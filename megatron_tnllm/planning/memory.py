@@ -34,7 +34,9 @@ onwards (Megatron's even split). Per stage:
   forwards, PP micro-batches of each chunk in turn, so the first stage holds 2 (PP - 1) + (VPP - 1) PP + 1
   chunks: (1 + (PP - 1) / (PP VPP)) x L / PP layers' worth at large PP, more than 1F1B's; both are capped by
   the chunks a step has (micro-batches x VPP);
-* the last stage's logits and their fp32 cross-entropy gradient (~10 B per logit), one micro-batch's;
+* the last stage's logits and their cross-entropy, one micro-batch's: ~10 B per logit with Megatron's (fp32 copies
+  of the logits and their gradient), 4 B with megatron_tnllm's (``--cross-entropy-fusion-impl tnl``: the bf16
+  logits and their bf16 gradient);
 * Adam's step: torch's foreach AdamW (Megatron's optimizer without apex or Transformer Engine) allocates
   sqrt(v) for its whole parameter group, 4 B per parameter of the shard, after backward has freed the
   activations; counted where it exceeds activations + logits (models cut to a few layers on one GPU);
@@ -51,6 +53,8 @@ from megatron_tnllm.configs import TNLConfig, get_preset
 
 GiB = 1024**3
 OVERHEAD = 4 * GiB
+# bytes held per logit on the last stage, by cross-entropy (module docstring)
+LOGIT_BYTES_HELD = {"megatron": 10, "tnl": 4}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Layout:
     recompute: str = "none"  # "none" or "full"
     distributed_optimizer: bool = True
     vpp: int = 1
+    cross_entropy: str = "megatron"  # "megatron" (pretrain_gpt.py's default) or "tnl" (--cross-entropy-fusion-impl tnl)
 
     def __post_init__(self) -> None:
         for field in ("tp", "pp", "dp", "cp", "mbs", "seq", "num_microbatches", "vpp"):
@@ -76,6 +81,8 @@ class Layout:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
         if self.recompute not in ("none", "full"):
             raise ValueError(f"recompute must be 'none' or 'full', got {self.recompute!r}")
+        if self.cross_entropy not in LOGIT_BYTES_HELD:
+            raise ValueError(f"cross_entropy must be one of {tuple(LOGIT_BYTES_HELD)}, got {self.cross_entropy!r}")
         if self.vpp > 1 and self.pp == 1:
             raise ValueError(f"vpp {self.vpp} needs pipeline parallelism (pp >= 2), got pp 1")
         if self.vpp > 1 and self.num_microbatches % self.pp:
@@ -195,7 +202,7 @@ def plan_stage(cfg: TNLConfig, lay: Layout, stage: int) -> dict[str, float]:
         activations = (
             (held_layers - held_lrpe - held_softmax) * layer + held_lrpe * lrpe_layer + held_softmax * softmax_layer
         )
-    logits = 10 * tokens * cfg.vocab_size / lay.tp if stage == lay.pp - 1 else 0.0
+    logits = LOGIT_BYTES_HELD[lay.cross_entropy] * tokens * cfg.vocab_size / lay.tp if stage == lay.pp - 1 else 0.0
     adam_step = 4 * params / (lay.dp * lay.cp if lay.distributed_optimizer else 1)
     parts = {
         "weights (bf16)": 2 * params,
@@ -256,6 +263,10 @@ def add_layout_arguments(p: argparse.ArgumentParser, preset_required: bool = Tru
     p.add_argument("--seq", type=positive_int, default=2048)
     p.add_argument("--recompute", choices=("none", "full"), default="none")
     p.add_argument("--no-distributed-optimizer", action="store_true")
+    p.add_argument(
+        "--cross-entropy", choices=tuple(LOGIT_BYTES_HELD), default="megatron",
+        help="the loss: Megatron's (pretrain_gpt.py's default) or megatron_tnllm's (--cross-entropy-fusion-impl tnl)",
+    )  # fmt: skip
 
 
 def layout_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[TNLConfig, Layout]:
@@ -272,7 +283,7 @@ def layout_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     try:
         lay = Layout(
             args.tp, args.pp, args.dp, args.cp, args.sp, args.mbs, args.seq, gbs // (args.mbs * args.dp),
-            args.recompute, not args.no_distributed_optimizer, args.vpp,
+            args.recompute, not args.no_distributed_optimizer, args.vpp, args.cross_entropy,
         )  # fmt: skip
         _check(cfg, lay)
     except ValueError as e:

@@ -23,17 +23,17 @@ Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at t
   all-gather / reduce-scatter with SP, all-reduce = both without) of tokens x D bf16, each moving
   (TP - 1) / TP of it per GPU over NVLink (TP within a node) or InfiniBand.
 
-Per step: the pipeline runs m = GBS / (MBS DP) micro-batches through PP stages of L / PP layers (the first
-holds the LRPE layer, the last the logits: 6 tokens D V / TP FLOPs plus LOGIT_BYTES per logit for the fp32
-cross entropy; each stage is timed with its own layers, so a hybrid's stages differ by their softmax layers), so it
-takes m x the slowest stage + (PP - 1) / VPP x the mean stage (1F1B's bubble, shrunk by
-the interleaved schedule), plus the point-to-point activation transfers of 1F1B (tokens x D / (TP if SP) bf16
-forward and backward per micro-batch; hidden by the interleaved schedule's overlap). The data-parallel
-gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed optimizer, (DP - 1) / DP of
-the stage's parameters each, overlap the last micro-batch's backward and the first forward
-(--overlap-grad-reduce / --overlap-param-gather); only what exceeds those is added (without the distributed
-optimizer: an fp32 all-reduce after the step). Adam costs OPTIMIZER_BYTES per parameter shard at HBM
-bandwidth, and each step STEP_S of host work (optimizer, gradient clipping, logging).
+Per step: the pipeline runs m = GBS / (MBS DP) micro-batches through PP stages of L / PP layers (the first holds
+the LRPE layer, the last the logits: 6 tokens D V / TP FLOPs plus LOGIT_BYTES per logit for the cross entropy,
+Megatron's or megatron_tnllm's; each stage is timed with its own layers, so a hybrid's stages differ by their
+softmax layers), so it takes m x the slowest stage + (PP - 1) / VPP x the mean stage (1F1B's bubble, shrunk by the
+interleaved schedule), plus the point-to-point activation transfers of 1F1B (tokens x D / (TP if SP) bf16 forward
+and backward per micro-batch; hidden by the interleaved schedule's overlap). The data-parallel gradient
+reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed optimizer, (DP - 1) / DP of the stage's
+parameters each, overlap the last micro-batch's backward and the first forward (--overlap-grad-reduce /
+--overlap-param-gather); only what exceeds those is added (without the distributed optimizer: an fp32 all-reduce
+after the step). Adam costs OPTIMIZER_BYTES per parameter shard at HBM bandwidth, and each step STEP_S of host
+work (optimizer, gradient clipping, logging).
 
 Links (stated, not measured here): NVLink 4 of an H200 is 450 GB/s per direction, NCCL reaches about
 NVLINK_BW of it; across nodes each GPU has one 400 Gb/s InfiniBand NIC (8 per node), about IB_BW effective.
@@ -83,10 +83,15 @@ LRPE_ATTENTION = 2.58  # Dk = 2 dh against dh, fwd+bwd (docs/benchmarks.md)
 # calibrated: the same-shape GPT of docs/training.md §4, one H200, whose step time per token grows by 291 TFLOP/s
 # of attention FLOPs from 2k to 32k and by 277 from 2k to 8k)
 SOFTMAX_ATTENTION_FLOPS = 290e12
-ELEMENTWISE_S = 6e-12  # s per element per layer fwd+bwd (calibrated: tnl-1b, 2k, one H200)
+# s per element per layer fwd+bwd (calibrated: tnl-1b, 2k, one H200, with the fused elementwise ops and
+# megatron_tnllm's cross-entropy: 778.2 ms per step; 6e-12 before the fused ops)
+ELEMENTWISE_S = 4e-12
 HOST_S = 3.2e-3  # host floor of a layer's fwd+bwd, TP = 1 (calibrated: tnl-385m, one H200)
 HOST_TP_S = 4.8e-3  # the same with tensor parallelism (calibrated: tnl-385m, TP = 2)
-LOGIT_BYTES = 40  # HBM bytes per logit for the fp32 cross entropy, fwd+bwd
+# HBM bytes per logit of the cross entropy fwd+bwd at HBM_BW, measured (tools/bench/bench_cross_entropy.py, tnl-1b's
+# 16384 x 64000 bf16 logits, one H200): Megatron's fp32 passes 17.40 ms; megatron_tnllm's (the bf16 logits read
+# once forward, once backward, their gradient written: 6 B at the floor) 1.649 ms
+LOGIT_BYTES = {"megatron": 66.4, "tnl": 6.3}
 OPTIMIZER_BYTES = 100  # HBM bytes per parameter shard for torch AdamW (foreach) and Megatron's copies
 STEP_S = 30e-3  # host work per step: optimizer, gradient clipping, logging (calibrated: tnl-385m)
 STEP_LAYER_S = 2.5e-3  # and per layer of the stage (the per-tensor loops of Megatron's no-apex fallbacks)
@@ -188,7 +193,10 @@ def predict(
         (layers - n_lrpe - n_softmax) * plain["total"] + n_lrpe * lrpe["total"] + n_softmax * softmax["total"]
         for n_lrpe, n_softmax in counts
     ]
-    logits = 6 * tokens * D * V / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) + LOGIT_BYTES * tokens * V / tp / HBM_BW
+    logits = (
+        6 * tokens * D * V / tp / (GEMM_EFFICIENCY * PEAK_FLOPS)
+        + LOGIT_BYTES[lay.cross_entropy] * tokens * V / tp / HBM_BW
+    )
     # first, last, then the middle stages (the order of the sums below)
     stages = [layer_s[0], layer_s[-1] + logits, *layer_s[1:-1]] if pp > 1 else [layer_s[0] + logits]
     slowest, mean = max(stages), sum(stages) / len(stages)
@@ -262,11 +270,14 @@ _DEFAULT = re.compile(r"\$\{(\w+):=([^}]*)\}")
 
 
 def launchers(directory: Path = EXAMPLES) -> list[dict]:
-    """The layouts of examples/pretrain_tnl_*.sh / .sbatch: their ``${VAR:=default}`` values and SBATCH nodes."""
+    """The layouts of examples/pretrain_tnl_*.sh / .sbatch: their ``${VAR:=default}`` values over those of
+    common.sh, and SBATCH nodes."""
+    common = directory / "common.sh"
+    defaults = dict(_DEFAULT.findall(common.read_text())) if common.exists() else {}
     out = []
     for path in sorted(directory.glob("pretrain_tnl_*")):
         text = path.read_text()
-        values = dict(_DEFAULT.findall(text))
+        values = {**defaults, **dict(_DEFAULT.findall(text))}
         nodes = re.search(r"^#SBATCH --nodes=(\d+)", text, re.M)
         out.append({
             "name": path.name,
@@ -277,6 +288,7 @@ def launchers(directory: Path = EXAMPLES) -> list[dict]:
             "cp": int(values.get("CP", 1)), "sp": values["SP"] == "1",
             "mbs": int(values["MBS"]), "gbs": int(values["GBS"]), "seq": int(values["SEQ"]),
             "recompute": values["RECOMPUTE"], "distopt": values["DISTOPT"] == "1",
+            "cross_entropy": values.get("CROSS_ENTROPY", "megatron"),
         })  # fmt: skip
     order = {name: i for i, name in enumerate(("tnl-385m", "tnl-1b", "tnl-3b", "tnl-7b", "tnl-13b", "tnl-65b"))}
     return sorted(out, key=lambda lay: order.get(lay["preset"], len(order)))
@@ -288,7 +300,7 @@ def launcher_layout(lay: dict) -> Layout:
     return Layout(
         tp=lay["tp"], pp=lay["pp"], dp=dp, cp=lay["cp"], sp=lay["sp"], mbs=lay["mbs"], seq=lay["seq"],
         num_microbatches=lay["gbs"] // (lay["mbs"] * dp), recompute=lay["recompute"],
-        distributed_optimizer=lay["distopt"], vpp=lay["vpp"],
+        distributed_optimizer=lay["distopt"], vpp=lay["vpp"], cross_entropy=lay["cross_entropy"],
     )  # fmt: skip
 
 

@@ -14,7 +14,8 @@
 # run: micro-batch 1, 64k tokens per GPU per step (128k per step, at least one sequence); ITERS steps;
 # OUT_DIR/<model>_<seq>.log. Runs with more than 32k tokens of a sequence per GPU (the one-GPU 64k runs, CP=2 above
 # 64k) use full activation recompute (without it the 64k runs do not fit 141 GB at vocab 64000). EXTRA_ARGS: more
-# pretrain_gpt.py flags for every run, only from --cross-entropy-loss-fusion and --cross-entropy-fusion-impl native.
+# pretrain_gpt.py flags for every run, only from --cross-entropy-loss-fusion and --cross-entropy-fusion-impl native or
+# tnl (megatron_tnllm.ops.cross_entropy; needs patches/core_v0.19.0-tnl-cross-entropy.patch).
 # At the end OUT_DIR/summary.md holds one row per run: median step time over the steps after the third, tokens/s,
 # model TFLOP/s per GPU (TNL and hybrids: megatron_tnllm.flops with the preset's softmax layers, counted the same
 # with or without the FLOP patch; GPT: Megatron's own formula from its log) and MFU = TFLOP/s / PEAK_TFLOPS
@@ -56,11 +57,11 @@ for ((i = 0; i < ${#user_args[@]}; i++)); do
     case ${user_args[i]} in
         --cross-entropy-loss-fusion) ;;
         --cross-entropy-fusion-impl)
-            [[ ${user_args[i + 1]:-} == native ]] \
-                || die "$(printf 'EXTRA_ARGS %q' "$EXTRA_ARGS"): --cross-entropy-fusion-impl takes native"
+            [[ ${user_args[i + 1]:-} =~ ^(native|tnl)$ ]] \
+                || die "$(printf 'EXTRA_ARGS %q' "$EXTRA_ARGS"): --cross-entropy-fusion-impl takes native or tnl"
             i=$((i + 1)) ;;
         *) die "$(printf 'EXTRA_ARGS entry %q' "${user_args[i]}"): expected --cross-entropy-loss-fusion" \
-               "or --cross-entropy-fusion-impl native" ;;
+               "or --cross-entropy-fusion-impl native|tnl" ;;
     esac
 done
 PYTHON=${PYTHON:-python3}

@@ -52,6 +52,9 @@ kill_run() {
 }
 
 # The Tiny Shakespeare data of examples/prepare_data.sh in ${DATA_DIR:-/tmp/tnl_data}, made once.
+# the checks run --deterministic-mode, which Megatron-LM refuses with --cross-entropy-loss-fusion (the launchers'
+# default CROSS_ENTROPY=tnl): Megatron's own loss
+export CROSS_ENTROPY=${CROSS_ENTROPY:-megatron}
 export DATA_PREFIX=${DATA_DIR:-/tmp/tnl_data}/text_text_document TOKENIZER_MODEL=${DATA_DIR:-/tmp/tnl_data}/tokenizer.model
 ensure_data() {
     [[ -f $DATA_PREFIX.bin ]] && return
