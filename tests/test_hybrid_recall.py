@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from recall_task import build, mqar_batch, rotate  # noqa: E402
+from recall_task import build, length_at, mqar_batch, rotate  # noqa: E402
 
 
 def test_every_query_asks_a_context_key_and_the_answer_is_its_value():
@@ -23,6 +23,12 @@ def test_every_query_asks_a_context_key_and_the_answer_is_its_value():
         assert asked == list(range(16, 32, 2))
         assert sorted(row[t] for t in asked) == sorted(pairs)  # each key asked once
         assert all(row[t + 1] == pairs[row[t]] for t in asked)
+
+
+def test_short_first_trains_on_the_shortest_length_then_on_all_in_turn():
+    lengths = [32, 16, 64]
+    assert [length_at(s, lengths, 0) for s in range(6)] == [32, 16, 64, 32, 16, 64]
+    assert [length_at(s, lengths, 4) for s in range(8)] == [16, 16, 16, 16, 16, 64, 32, 16]
 
 
 def test_rope_scores_depend_on_relative_position_only():
@@ -67,6 +73,34 @@ def test_smoke_run_writes_results(tmp_path):
     table = (tmp_path / "recall.md").read_text().splitlines()
     assert table[0] == "| model | steps | L=16 (N=4) | L=32 (N=8) |"
     assert table[2].startswith("| tnl | 4 | ")
+
+
+def test_combine_lists_every_run_by_heads_model_and_seed(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "recall_task.py"
+    base = [sys.executable, str(tool), "--smoke", "--device", "cpu"]
+    for heads, seed, models in ((4, 1, ["tnl"]), (2, 3, ["hybrid", "tnl"])):
+        run = ["--out", str(tmp_path / f"h{heads}"), "--heads", str(heads), "--seed", str(seed), "--models", *models]
+        subprocess.run([*base, *run], check=True, capture_output=True)
+    dirs = [str(tmp_path / "h4"), str(tmp_path / "h2")]
+    subprocess.run([sys.executable, str(tool), "--combine", *dirs, "--out", str(tmp_path / "all")], check=True)
+    table = (tmp_path / "all" / "recall_runs.md").read_text().splitlines()
+    assert table[0] == "| heads | model | seed | lr | steps | L=16 (N=4) | L=32 (N=8) |"
+    h2 = json.loads((tmp_path / "h2" / "recall.json").read_text())["accuracy"]
+    assert [row.split(" | ")[:5] for row in table[2:]] == [
+        ["| 2", "tnl", "3", "0.003", "4"],
+        ["| 2", "hybrid", "3", "0.003", "4"],
+        ["| 4", "tnl", "1", "0.003", "4"],
+    ]
+    assert table[2].endswith(f"| {h2['tnl']['16']:.3f} | {h2['tnl']['32']:.3f} |")
+
+
+def test_short_first_option_reaches_the_training_loop(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "recall_task.py"
+    base = [sys.executable, str(tool), "--smoke", "--models", "tnl", "--device", "cpu", "--out", str(tmp_path)]
+    plain = subprocess.run(base, check=True, capture_output=True, text=True).stdout  # smoke: lengths 16 32
+    short = subprocess.run([*base, "--short-first", "4"], check=True, capture_output=True, text=True).stdout
+    assert "step     3 length   32" in plain and "step     3 length   16" in short
+    assert json.loads((tmp_path / "recall.json").read_text())["settings"]["short_first"] == 4
 
 
 def test_interrupt_scores_the_model_trained_so_far(tmp_path):

@@ -16,10 +16,13 @@ each value to the key before it, a previous-token step that a position-free soft
 
     python tools/recall_task.py --out DIR          # the full run (defaults below), meant for one GPU
     python tools/recall_task.py --smoke --out DIR  # a few steps of each model, seconds (checks the tool)
+    python tools/recall_task.py --combine RUN_DIR... --out DIR  # one plot and table of several runs (seeds, heads)
 
 Writes DIR/recall.json (accuracy per model and length, settings, steps trained), DIR/recall.md (a table) and,
 with matplotlib, DIR/hybrid_recall.png. Ctrl-C (SIGINT) ends the training of the model in progress: it is scored
-as it is (its row shows the steps it had) and the run goes on with the next model.
+as it is (its row shows the steps it had) and the run goes on with the next model. ``--combine`` reads the
+recall.json of earlier runs and draws every run as one line, a panel per head count (DIR/recall_runs.png), with
+DIR/recall_runs.md listing them.
 """
 
 from __future__ import annotations
@@ -95,6 +98,12 @@ def mqar_batch(batch: int, length: int, num_keys: int, generator: torch.Generato
     return ids, answer_mask
 
 
+def length_at(step: int, lengths: list[int], short_first: int) -> int:
+    """The training length of ``step``: the shortest of ``lengths`` for the first ``short_first`` steps, then
+    ``lengths`` in turn."""
+    return min(lengths) if step < short_first else lengths[step % len(lengths)]
+
+
 def build(kind: str, shape: TNLConfig, device: torch.device) -> TransnormerForCausalLM:
     """Model ``kind`` (one of MODELS) of ``shape``, randomly initialised."""
     layers = shape.num_layers
@@ -151,7 +160,7 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> tuple[dict
         if stop:
             print(f"{kind:>7} interrupted after {done} of {args.steps} steps; scoring it as it is", flush=True)
             break
-        length = args.lengths[step % len(args.lengths)]
+        length = length_at(step, args.lengths, args.short_first)
         ids, mask = mqar_batch(args.batch, length, args.num_keys, g)
         loss, hits = answer_loss_and_hits(model, ids.to(device), mask.to(device))
         opt.zero_grad(set_to_none=True)
@@ -221,6 +230,61 @@ def write_results(out: Path, results: dict[str, dict[int, float]], settings: dic
     fig.savefig(out / "hybrid_recall.png", dpi=120)
 
 
+def write_combined(out: Path, runs: list[dict]) -> None:
+    """``out``/recall_runs.md (one row per model of each run) and recall_runs.png (every run a line, coloured by
+    model, a panel per head count) from runs' recall.json contents."""
+    rows = []
+    for run in runs:
+        st = run["settings"]
+        for kind, acc in run["accuracy"].items():
+            rows.append((st["heads"], kind, st["seed"], st["lr"], st["steps_done"][kind], acc))
+    rows.sort(key=lambda r: (r[0], MODELS.index(r[1]), r[2], -r[3]))
+    lengths = sorted({int(n) for *_, acc in rows for n in acc})
+    table = ["| heads | model | seed | lr | steps | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |"]
+    table.append("|---" * (len(lengths) + 5) + "|")
+    for heads, kind, seed, lr, steps, acc in rows:
+        cells = " | ".join(f"{acc[str(n)]:.3f}" if str(n) in acc else "" for n in lengths)
+        table.append(f"| {heads} | {kind} | {seed} | {lr:g} | {steps} | {cells} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall_runs.md").write_text("\n".join(table) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    panels = sorted({r[0] for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), sharey=True, squeeze=False)
+    # the hybrid dashed on top: where it recalls perfectly it lies on the softmax_rope line
+    styles = {
+        "tnl": dict(color="C0", ls="-", lw=1.2, zorder=2),
+        "hybrid": dict(color="C1", ls="--", lw=1.8, zorder=4),
+        "softmax": dict(color="C2", ls=":", lw=1.5, zorder=2),
+        "softmax_rope": dict(color="C3", ls="-", lw=3.5, alpha=0.4, zorder=3),
+    }
+    for ax, heads in zip(axes[0], panels):
+        shown = set()
+        for h, kind, _, _, _, acc in rows:
+            if h != heads:
+                continue
+            xs = sorted(int(n) for n in acc)
+            label = None if kind in shown else kind
+            shown.add(kind)
+            ax.plot(xs, [acc[str(n)] for n in xs], marker="o", ms=3, label=label, **styles[kind])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("sequence length (key-value pairs = length / 4)")
+        ax.set_title(f"{heads} heads (one line per run)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("recall accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "recall_runs.png", dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -237,16 +301,29 @@ def main() -> None:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=22000)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=18000)
+    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--short-first",
+        type=int,
+        help="train the first SHORT_FIRST steps on the shortest of --lengths only, then on all in turn "
+        "(default 4000; 0 with --smoke)",
+    )
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="RUN_DIR", help="plot earlier runs' recall.json")
     args = p.parse_args()
+    if args.combine:
+        write_combined(args.out, [json.loads((run / "recall.json").read_text()) for run in args.combine])
+        print((args.out / "recall_runs.md").read_text())
+        return
     if args.smoke:
         args.lengths, args.steps, args.batch, args.eval_batches, args.log_every = [16, 32], 4, 4, 1, 2
+    if args.short_first is None:
+        args.short_first = 0 if args.smoke else 4000
     args.eval_lengths = args.eval_lengths or args.lengths
     for length in {*args.lengths, *args.eval_lengths}:
         mqar_batch(1, length, args.num_keys, torch.Generator())  # a bad length or too few keys fails here, not late
