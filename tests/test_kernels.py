@@ -295,13 +295,14 @@ def test_srmsnorm_family(shape, dtype, strided):
 
 @NEEDS_CUDA
 def test_segments_forced_and_off():
-    """The same inputs through one segment per sequence and through many: both match the reference."""
+    """The same inputs through one segment per sequence, through many, and through 27 in the forward with 9 in the
+    backward (every third saved state): all match the reference."""
     gen = generator(8)
     q, k = (randn(2, 5000, 2, 128, gen=gen, dtype=BF16, scale=0.3) for _ in range(2))
     v = randn(2, 5000, 2, 128, gen=gen, dtype=BF16)
     h0 = randn(2, 2, 128, 128, gen=gen)
-    for target, min_seg in ((1, 512), (4096, 256)):
-        chunk_mod.CONFIG = chunk_mod.KernelConfig(target_ctas=target, min_seg=min_seg)
+    for target, min_seg, fwd_min_seg in ((1, 512, 0), (4096, 256, 0), (4096, 512, 128)):
+        chunk_mod.CONFIG = chunk_mod.KernelConfig(target_ctas=target, min_seg=min_seg, fwd_min_seg=fwd_min_seg)
         check(q, k, v, slopes("alibi", 2), h0)
 
 
@@ -395,6 +396,25 @@ def test_segment_states_in_kernel_or_in_two_launches(fused):
     check(q, k, v, slopes("mixed", 2), h0)
     assert sync[:2].tolist() == [0, 0]
     assert int(sync[2]) == epoch + (2 if fused else 0)
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_segments_shorter_than_the_backward_ones(fused):
+    """fwd_min_seg below min_seg: the forward runs 5 segments of 32 tokens, the backward 2 of 96 from every third
+    saved segment state; both exact."""
+    chunk_mod.CONFIG = chunk_mod.KernelConfig(chunk=16, fwd_tile=16, rev_tile=16, target_ctas=40, min_seg=64,
+                                              fwd_min_seg=16, fused_segments=fused)  # fmt: skip
+    g = generator(31)
+    q, k, v = (randn(2, 150, 2, 16, gen=g) for _ in range(3))
+    h0 = randn(2, 2, 16, 16, gen=g)
+    cpu = torch.device("cpu")
+    assert chunk_mod.plan_segments(4, 150, 1, False, cpu, 16) == (5, 32)
+    assert chunk_mod.plan_segments(4, 150, 1, False, cpu) == (2, 80)
+    q.requires_grad_()
+    o, _ = lightning_attention(q, k, v, slopes("mixed", 2), initial_state=h0, backend="triton")
+    assert o.grad_fn.plan == (2, 2, 96)  # (sequences, backward segments, their length)
+    check(q.detach(), k, v, slopes("mixed", 2), h0)
 
 
 @INTERPRETER_ONLY

@@ -63,7 +63,11 @@ class KernelConfig:
     large in shared memory.
     target_ctas: programs wanted per launch before cutting sequences into segments (0 = automatic: one
     segment once batch x heads x tiles reaches the SM count, else as many as fill two programs per SM).
-    min_seg: shortest segment in tokens. num_warps: 0 = by state-tile size. num_stages: software-pipelining
+    min_seg: shortest segment in tokens of the backward sweeps. fwd_min_seg: of the forward sweep (0, or above
+    min_seg: min_seg); the backward's segments are whole multiples of the forward's and read every k-th of
+    their saved states (v4.2, docs/kernels.md §5: shorter forward segments speed the forward at small
+    batch x heads, where shorter backward ones cost more than they gain).
+    num_warps: 0 = by state-tile size. num_stages: software-pipelining
     depth of the chunk loads (stepped down automatically when shared memory runs out). fused_segments: form
     the segments' states inside the sweeps (one launch per sweep) instead of two extra launches per direction.
     """
@@ -75,6 +79,7 @@ class KernelConfig:
     wide_tile: int = 64
     target_ctas: int = 0
     min_seg: int = 512
+    fwd_min_seg: int = 256
     num_warps: int = 0
     num_stages: int = 2
     fused_segments: bool = True
@@ -553,14 +558,18 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def plan_segments(n_heads_total: int, T: int, tiles: int, varlen: bool, device: torch.device) -> tuple[int, int]:
-    """(n_seg, seg_len): cut each sequence into segments until the sweeps have ~target_ctas programs.
+def plan_segments(
+    n_heads_total: int, T: int, tiles: int, varlen: bool, device: torch.device, min_seg: int | None = None
+) -> tuple[int, int]:
+    """(n_seg, seg_len): cut each sequence into segments of at least ``min_seg`` tokens (default
+    CONFIG.min_seg) until the sweeps have ~target_ctas programs.
 
     Packed sequences (cu_seqlens) keep one segment each: their lengths live on the device and a plan
     would need a host sync.
     """
     cfg = CONFIG
     bt = cfg.chunk
+    min_seg = cfg.min_seg if min_seg is None else min_seg
     if varlen or T <= 0:
         return 1, max(T, 1)
     base = max(1, n_heads_total * tiles)
@@ -571,7 +580,7 @@ def plan_segments(n_heads_total: int, T: int, tiles: int, varlen: bool, device: 
         # SM has a program; below that, fill two programs per SM without spilling into a second wave
         sms = _sm_count(device)
         want = 1 if base >= sms else max(1, (2 * sms) // base)
-    n_seg = max(1, min(want, T // max(cfg.min_seg, bt)))
+    n_seg = max(1, min(want, T // max(min_seg, bt)))
     seg_len = triton.cdiv(triton.cdiv(T, n_seg), bt) * bt
     return triton.cdiv(T, seg_len), seg_len
 
@@ -782,7 +791,8 @@ class LightningAttentionFunction(torch.autograd.Function):
         g2 = (slope.detach().to(torch.float32) * -LOG2E).contiguous()
         tile = CONFIG.fwd_tile
         BV = min(_pow2(V), tile) if tile else _pow2(V)
-        n_seg, seg_len = plan_segments(N * H, T, triton.cdiv(V, BV), varlen, q.device)
+        fwd_min_seg = min(CONFIG.fwd_min_seg or CONFIG.min_seg, CONFIG.min_seg)
+        n_seg, seg_len = plan_segments(N * H, T, triton.cdiv(V, BV), varlen, q.device, fwd_min_seg)
         combine = _fused(n_seg)
         needs_grad = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[4]
 
@@ -799,6 +809,16 @@ class LightningAttentionFunction(torch.autograd.Function):
             s_seg = s_store = torch.empty(N, H, n_seg, K, V, dtype=torch.float32, device=q.device)
         _fwd_sweep(q, k, v, o, g2, s_in, s_in_strides, ht, s_store, cu_seqlens, n_seg, seg_len, N, tile, combine)
 
+        # the backward's segments: whole multiples of the forward's, so their entering states are every
+        # stride-th of s_seg (a strided view; the same plan when fwd_min_seg is not below min_seg)
+        stride = 1
+        if n_seg > 1 and fwd_min_seg < CONFIG.min_seg:
+            _, bwd_len = plan_segments(N * H, T, triton.cdiv(V, BV), varlen, q.device)
+            stride = triton.cdiv(bwd_len, seg_len)
+        if stride > 1:
+            seg_len *= stride
+            n_seg = triton.cdiv(T, seg_len)
+            s_seg = None if s_seg is None else s_seg[:, :, ::stride]
         ctx.save_for_backward(q, k, v, g2, initial_state, s_seg, cu_seqlens)
         ctx.plan = (N, n_seg, seg_len)
         return o, ht
