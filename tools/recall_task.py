@@ -191,6 +191,19 @@ def train(kind: str, args, shape: TNLConfig, device: torch.device) -> tuple[dict
     return accuracy, done
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a notice) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def write_results(out: Path, results: dict[str, dict[int, float]], settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall.json").write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
@@ -203,13 +216,8 @@ def write_results(out: Path, results: dict[str, dict[int, float]], settings: dic
         for kind, acc in results.items()
     ]
     (out / "recall.md").write_text("\n".join(rows) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for kind, acc in results.items():
@@ -247,13 +255,8 @@ def write_combined(out: Path, runs: list[dict]) -> None:
         table.append(f"| {heads} | {kind} | {seed} | {lr:g} | {steps} | {cells} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall_runs.md").write_text("\n".join(table) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     panels = sorted({r[0] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), sharey=True, squeeze=False)
