@@ -16,12 +16,16 @@ import torch.distributed as dist
 from megatron_tnllm.ops.cross_entropy import cross_entropy_torch, vocab_parallel_cross_entropy
 from tests.distributed import run_distributed
 from tests.testing import rel_err
-from tests.triton_targets import CUDA, DEVICE, INTERPRET, INTERPRETER_ONLY, cases, run_interpreter_suite
+from tests.triton_targets import (  # poisoned_outputs: autouse in this module
+    DEVICE,
+    INTERPRET,
+    INTERPRETER_ONLY,
+    cases,
+    poisoned_outputs,  # noqa: F401
+    run_interpreter_suite,
+)
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-
-if INTERPRET or CUDA:
-    from megatron_tnllm.ops import backend
 
 
 def batch(s: int, b: int, vocab: int, dtype: torch.dtype, seed: int, device: str = "cpu") -> tuple:
@@ -93,16 +97,6 @@ if not INTERPRET:
 
     def test_vocabulary_split_over_two_ranks():
         run_distributed(_two_ranks, 2)
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """GPU: every kernel output filled with NaN before the kernels run (an unwritten element fails)."""
-    if CUDA:
-        backend.POISON_OUTPUTS = True
-    yield
-    if CUDA:
-        backend.POISON_OUTPUTS = False
 
 
 # (loss, gradient) against fp64. The loss: a few fp32 roundings. The gradient: exp(x - lse) with lse ~ 15 at these

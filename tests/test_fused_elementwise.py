@@ -28,7 +28,15 @@ from megatron_tnllm.ops.glu import glu_product
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 from megatron_tnllm.ops.qkvu import qkvu_silu
 from tests.testing import rel_err
-from tests.triton_targets import CUDA, DEVICE, INTERPRET, INTERPRETER_ONLY, cases, run_interpreter_suite
+from tests.triton_targets import (  # poisoned_outputs: autouse in this module
+    CUDA,
+    DEVICE,
+    INTERPRET,
+    INTERPRETER_ONLY,
+    cases,
+    poisoned_outputs,  # noqa: F401
+    run_interpreter_suite,
+)
 
 TRITON = pytest.mark.skipif(not (INTERPRET or CUDA), reason="Triton: the interpreter subprocess or a CUDA GPU")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -36,7 +44,6 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 TOL = {F32: 1e-6, F16: 2e-3, BF16: 8e-3}
 
 if INTERPRET or CUDA:
-    from megatron_tnllm.ops import backend
     from megatron_tnllm.ops.qkvu import fused
 
 
@@ -44,16 +51,6 @@ if not INTERPRET:
 
     def test_interpreter_suite():
         run_interpreter_suite(__file__, timeout_s=600)
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs():
-    """GPU: every kernel output filled with NaN before the kernels run (an unwritten element fails)."""
-    if CUDA:
-        backend.POISON_OUTPUTS = True
-    yield
-    if CUDA:
-        backend.POISON_OUTPUTS = False
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, device: str = DEVICE) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Where the Triton kernel tests run: in a TRITON_INTERPRET=1 subprocess on the CPU (the interpreter must be set
 before the kernels are decorated, so a test module re-runs itself there through :func:`run_interpreter_suite`), or
-on a CUDA GPU. Shared by tests/test_kernels.py and tests/test_fused_elementwise.py."""
+on a CUDA GPU. Shared by the Triton op tests (tests/test_kernels.py, test_fused_elementwise.py,
+test_cross_entropy.py)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def cases(interpret: list, cuda: list) -> list:
     if INTERPRET:
         return interpret
     return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=NEEDS_CUDA) for c in cuda]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """GPU: every kernel output filled with NaN before the kernels run (an unwritten element fails). Autouse in
+    the modules that import it."""
+    if not CUDA:
+        yield
+        return
+    from megatron_tnllm.ops import backend
+
+    backend.POISON_OUTPUTS = True
+    yield
+    backend.POISON_OUTPUTS = False

@@ -19,13 +19,12 @@ Writes DIR/bench_cross_entropy.json and DIR/bench_cross_entropy.md.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from op_bench import Bench, launcher_layouts, markdown_table, op_bench, op_parser, results_header
+from op_bench import Bench, launcher_layouts, markdown_table, op_bench, op_parser, results_header, write_report
 
 from megatron_tnllm.configs import get_preset, padded_vocab_size
 
@@ -125,11 +124,7 @@ def main() -> None:
         results["shapes"].append({**s, "rows": rows})
         torch.cuda.empty_cache() if bench.cuda else None
     dist.destroy_process_group()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_cross_entropy.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = f"{results['device']}, torch {results['torch']}, {args.dtype}, median of {args.reps}\n\n" + table(results)
-    (args.out / "bench_cross_entropy.md").write_text(md)
-    print(md)
+    write_report(args, "bench_cross_entropy", results, table(results))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,20 @@ Writes DIR/bench_fusion.json and DIR/bench_fusion.md.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from op_bench import Bench, launcher_layouts, markdown_table, op_bench, op_parser, results_header, rows_by_case
+from op_bench import (
+    Bench,
+    launcher_layouts,
+    markdown_table,
+    op_bench,
+    op_parser,
+    results_header,
+    rows_by_case,
+    write_report,
+)
 
 from megatron_tnllm.configs import get_preset
 
@@ -161,11 +169,7 @@ def main() -> None:
         lrpe, theta = lrpe_cases(H, d, s["seq"], bench)
         rows += measure("lrpe", lrpe, (s["seq"], s["mbs"]), H * d, H, bench, args, leaves=(theta,))
         results["shapes"].append({**s, "rows": rows})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_fusion.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = f"{results['device']}, torch {results['torch']}, {args.dtype}, median of {args.reps}\n\n" + table(results)
-    (args.out / "bench_fusion.md").write_text(md)
-    print(md)
+    write_report(args, "bench_fusion", results, table(results))
 
 
 if __name__ == "__main__":

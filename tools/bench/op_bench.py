@@ -15,6 +15,7 @@ Three timings, medians of ``iters`` calls after ``warmup`` calls, CUDA events on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -163,3 +164,13 @@ def results_header(args: argparse.Namespace, bench: Bench) -> dict:
         "device": torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu",
         "torch": torch.__version__,
     }
+
+
+def write_report(args: argparse.Namespace, name: str, results: dict, table_md: str) -> None:
+    """``args.out``/NAME.json (the results) and NAME.md (device, torch, dtype and repetitions above the table),
+    and the markdown on stdout."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    md = f"{results['device']}, torch {results['torch']}, {args.dtype}, median of {args.reps}\n\n" + table_md
+    (args.out / f"{name}.md").write_text(md)
+    print(md)
