@@ -204,12 +204,26 @@ def pyplot():
     return plt
 
 
+def length_columns(lengths: list[int]) -> str:
+    """The table header cells of the scored lengths: "L=16 (N=4) | L=32 (N=8) | ..."."""
+    return " | ".join(f"L={n} (N={n // 4})" for n in lengths)
+
+
+def length_axis(ax, lengths: list[int]) -> None:
+    """A plot's x axis of sequence lengths (log 2, a tick per length) and its accuracy range, with a grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sequence length (key-value pairs = length / 4)")
+    ax.grid(alpha=0.3)
+
+
 def write_results(out: Path, results: dict[str, dict[int, float]], settings: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall.json").write_text(json.dumps({"settings": settings, "accuracy": results}, indent=2) + "\n")
     lengths = settings["eval_lengths"]
     steps = settings["steps_done"]
-    rows = ["| model | steps | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |"]
+    rows = [f"| model | steps | {length_columns(lengths)} |"]
     rows.append("|---" * (len(lengths) + 2) + "|")
     rows += [
         f"| {kind} | {steps[kind]} | " + " | ".join(f"{acc[n]:.3f}" for n in lengths) + " |"
@@ -225,14 +239,10 @@ def write_results(out: Path, results: dict[str, dict[int, float]], settings: dic
     trained = max(settings["lengths"])
     if lengths[-1] > trained:  # shade the lengths longer than any trained on: recall of more pairs than seen
         ax.axvspan(trained * 2**0.5, lengths[-1] * 1.2, color="0.9", label="longer than trained")
-    ax.set_xscale("log", base=2)
+    length_axis(ax, lengths)
     ax.set_xlim(lengths[0] / 1.2, lengths[-1] * 1.2)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("sequence length (key-value pairs = length / 4)")
     ax.set_ylabel("recall accuracy")
     ax.set_title(f"MQAR, D={settings['hidden_size']}, {settings['layers']} layers, {settings['heads']} heads")
-    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "hybrid_recall.png", dpi=120)
@@ -248,7 +258,7 @@ def write_combined(out: Path, runs: list[dict]) -> None:
             rows.append((st["heads"], kind, st["seed"], st["lr"], st["steps_done"][kind], acc))
     rows.sort(key=lambda r: (r[0], MODELS.index(r[1]), r[2], -r[3]))
     lengths = sorted({int(n) for *_, acc in rows for n in acc})
-    table = ["| heads | model | seed | lr | steps | " + " | ".join(f"L={n} (N={n // 4})" for n in lengths) + " |"]
+    table = [f"| heads | model | seed | lr | steps | {length_columns(lengths)} |"]
     table.append("|---" * (len(lengths) + 5) + "|")
     for heads, kind, seed, lr, steps, acc in rows:
         cells = " | ".join(f"{acc[str(n)]:.3f}" if str(n) in acc else "" for n in lengths)
@@ -276,12 +286,8 @@ def write_combined(out: Path, runs: list[dict]) -> None:
             label = None if kind in shown else kind
             shown.add(kind)
             ax.plot(xs, [acc[str(n)] for n in xs], marker="o", ms=3, label=label, **styles[kind])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("sequence length (key-value pairs = length / 4)")
+        length_axis(ax, lengths)
         ax.set_title(f"{heads} heads (one line per run)")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("recall accuracy")
     fig.tight_layout()
