@@ -3,12 +3,14 @@
 The model is Megatron-Core's GPTModel from ``megatron_tnllm.models.build_model`` at this process group's TP
 (sequence parallel when TP > 1), bf16 weights, Megatron's DistributedDataParallel (fp32 gradient buffers) and
 DistributedOptimizer (Adam, clipping at 1.0), ``--micro-batches`` micro-batches of MBS x SEQ random tokens per
-step with the loss inside the model, as ``pretrain_gpt.py`` runs them. After the timed steps (no profiler),
+step with the loss inside the model, as ``pretrain_gpt.py`` runs them (``--loss``: megatron_tnllm's cross-entropy,
+the launchers' default, which needs patches/ applied to the installed Megatron; Megatron's fused "native" one; or
+Megatron's unfused one). After the timed steps (no profiler),
 one more step is profiled; every GPU kernel is given one category by its name and the operators that launched it:
 
     communication        NCCL kernels (TP all-gathers / reduce-scatters, gradient and norm all-reduces)
     optimizer            inside the optimizer step (Adam, gradient norm and clipping, parameter copies)
-    cross_entropy        Megatron's vocab-parallel cross-entropy, forward and backward
+    cross_entropy        the vocab-parallel cross-entropy, forward and backward
     lightning_attention  the lightning-attention kernels and their autograd function
     gemm                 matrix multiplications (cuBLAS, CUTLASS)
     norm_elementwise     every other computing kernel: SRMSNorm, SiLU, gate, LRPE, residual adds, casts
@@ -17,7 +19,7 @@ one more step is profiled; every GPU kernel is given one category by its name an
 
     python tools/bench/profile_step.py --out DIR                     # tnl-1b, 1 GPU, MBS 8 x 2048, 8 micro-batches
     torchrun --nproc-per-node 2 tools/bench/profile_step.py --preset tnl-7b --tp 2 --mbs 1 --seq 4096 --out DIR
-    python tools/bench/profile_step.py --smoke --out DIR             # tnl-tiny on CPU: operators instead of kernels
+    python tools/bench/profile_step.py --smoke --loss megatron --out DIR  # tnl-tiny on CPU: operators, not kernels
 
 Writes DIR/profile_<preset>_tp<TP>_rank<R>.json (categories, top kernels, step time, tokens/s, model TFLOP/s)
 and, with --trace, the chrome trace beside it; rank 0 prints the table.
@@ -48,6 +50,12 @@ CATEGORIES = (
 )
 OPTIMIZER_RANGE = "profile_step::optimizer"
 STEP_RANGE = "profile_step::step"
+CROSS_ENTROPY_KERNELS = ("_row_stats_kernel", "_logits_grad_kernel")
+LOSS_CONFIG = {  # --loss: the TransformerConfig fields that choose it (pretrain_gpt.py's options of the same names)
+    "tnl": dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="tnl"),
+    "native": dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native"),
+    "megatron": dict(cross_entropy_loss_fusion=False),
+}
 LIGHTNING_KERNELS = ("_fwd_sweep_kernel", "_rev_sweep_kernel", "_seg_local_kernel", "_seg_scan_kernel")
 GEMM_NAMES = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "splitk")
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
@@ -73,7 +81,7 @@ def category(name: str, stack: list[str], kind: str) -> str:
         return "communication"
     if OPTIMIZER_RANGE in stack:
         return "optimizer"
-    if "crossentropy" in outer or "crossentropy" in lower:
+    if "crossentropy" in outer or "crossentropy" in lower or any(k in name for k in CROSS_ENTROPY_KERNELS):
         return "cross_entropy"
     if any(k in name for k in LIGHTNING_KERNELS) or "lightningattention" in outer:
         return "lightning_attention"
@@ -165,7 +173,7 @@ def work_items(trace: dict, on_gpu: bool) -> tuple[list[dict], float, float]:
     return items, hi - lo, min(busy, hi - lo)
 
 
-def breakdown(items: list[dict], span_us: float, busy_us: float, top: int = 12) -> dict:
+def breakdown(items: list[dict], span_us: float, busy_us: float, top: int = 20) -> dict:
     """Per category ms and % of the span (idle = span - busy), and the ``top`` kernels by time."""
     ms = dict.fromkeys(CATEGORIES, 0.0)
     per_name: dict[tuple, float] = {}
@@ -227,6 +235,22 @@ def init(args) -> torch.device:
     return device
 
 
+def check_loss_available(loss: str) -> None:
+    """--loss tnl needs patches/core_v0.19.0-tnl-cross-entropy.patch in the Megatron that this process imports
+    (unpatched, its loss function would not know the name)."""
+    if loss != "tnl":
+        return
+    import inspect
+
+    from megatron.core.models.common.language_module import language_module
+
+    if "megatron_tnllm" not in inspect.getsource(language_module.LanguageModule.compute_language_model_loss):
+        raise SystemExit(
+            f"--loss tnl: {language_module.__file__} is not patched; apply patches/ to the installed Megatron "
+            "(tools/gpu_checks/offline_gpu_setup.sh does) or pass --loss native / megatron"
+        )
+
+
 def build(args, device: torch.device):
     """(DDP model, Megatron optimizer, TNLConfig) as pretrain_gpt.py builds them with --bf16 and the
     distributed optimizer."""
@@ -235,7 +259,7 @@ def build(args, device: torch.device):
 
     from megatron_tnllm.models import build_model, resolve_config
 
-    overrides = dict(params_dtype=torch.bfloat16, bf16=True, sequence_parallel=args.tp > 1)
+    overrides = dict(params_dtype=torch.bfloat16, bf16=True, sequence_parallel=args.tp > 1, **LOSS_CONFIG[args.loss])
     if args.smoke:
         overrides["use_cpu_initialization"] = True
     tnl, _ = resolve_config(args.preset)
@@ -290,6 +314,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batches", type=int, default=8, help="per step (the 1b launcher: 512 / 8 GPUs / 8)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps before the profiled one (first is warm-up)")
+    parser.add_argument("--loss", choices=tuple(LOSS_CONFIG), default="tnl", help="cross-entropy (default: tnl)")
     parser.add_argument("--trace", action="store_true", help="also keep the chrome trace")
     parser.add_argument("--smoke", action="store_true", help="tnl-tiny on CPU, 2 x 64 tokens, 2 micro-batches")
     args = parser.parse_args()
@@ -301,6 +326,7 @@ def main() -> None:
 
     from megatron_tnllm.flops import tnl_forward_flops_per_token
 
+    check_loss_available(args.loss)
     device = init(args)
     rank = dist.get_rank()
     model, optimizer, tnl = build(args, device)
@@ -344,6 +370,7 @@ def main() -> None:
         mbs=args.mbs,
         seq=args.seq,
         micro_batches=args.micro_batches,
+        loss=args.loss,
         optimizer=type(optimizer).__name__,
         step_ms_unprofiled=round(step_ms, 3),
         step_ms_all=[round(t, 3) for t in times],
@@ -355,8 +382,9 @@ def main() -> None:
     if rank == 0:
         print(
             f"{args.preset} TP={args.tp} (world {dist.get_world_size()}), MBS {args.mbs} x {args.seq} x "
-            f"{args.micro_batches} micro-batches: {step_ms:.1f} ms/step unprofiled, {result['tokens_per_s']:,.0f} "
-            f"tokens/s, {result['model_tflops_per_gpu']} model TFLOP/s per GPU, peak {result['peak_gib']} GiB"
+            f"{args.micro_batches} micro-batches, {args.loss} loss: {step_ms:.1f} ms/step unprofiled, "
+            f"{result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops_per_gpu']} model TFLOP/s per GPU, "
+            f"peak {result['peak_gib']} GiB"
         )
         print(table(result))
     dist.destroy_process_group()
