@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from megatron_tnllm.configs import TNLConfig, softmax_every
 from megatron_tnllm.convert.layout import hf_config_from_tnl
 from megatron_tnllm.hf import TransnormerForCausalLM
-from megatron_tnllm.hf.modeling_transnormer import SoftmaxAttention
+from megatron_tnllm.hf.modeling_transnormer import SoftmaxAttention, project
 
 MODELS = ("tnl", "hybrid", "softmax", "softmax_rope")
 ROPE_BASE = 10000.0
@@ -65,15 +65,17 @@ class RopeSoftmaxAttention(SoftmaxAttention):
     Whole sequences only (training and scoring here run without a cache or padding).
     """
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, kv: tuple | None) -> tuple:
-        """x [b, n, D] -> ([b, n, D], (keys, values) [b, h, n, d])."""
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, kv: tuple | None, residual: torch.Tensor | None = None
+    ) -> tuple:
+        """x [b, n, D] -> (residual + output [b, n, D], (keys, values) [b, h, n, d])."""
         if key_mask is not None or kv is not None:
             raise ValueError("RopeSoftmaxAttention takes whole unpadded sequences (no key_mask, no cache)")
         b, n, width = x.shape
-        q, k, v = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = project(x, self.qkv_proj).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotate(q), rotate(k)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, width)), (k, v)
+        return project(o.transpose(1, 2).reshape(b, n, width), self.out_proj, residual), (k, v)
 
 
 def mqar_batch(batch: int, length: int, num_keys: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,9 +5,10 @@ An export loads with only torch and transformers (and sentencepiece for the toke
 * ``configuration_transnormer.py`` and ``tokenization_transnormer.py`` are copied as they are (they import
   nothing from this repository);
 * ``modeling_transnormer.py`` is generated from this package's module: its block of ``megatron_tnllm`` imports
-  is replaced by the source of those functions (slopes, LRPE, the PyTorch lightning attention and SRMSNorm),
-  cut from their modules with ``ast``. The Triton kernels are still used when ``megatron_tnllm`` happens to be
-  importable. So the repository keeps a single copy of every line; exports are a build product.
+  is replaced by the source of those functions (slopes, LRPE, the PyTorch lightning attention, SRMSNorm, the
+  decode step's products), cut from their modules with ``ast``. The Triton kernels are still used when
+  ``megatron_tnllm`` happens to be importable. So the repository keeps a single copy of every line; exports are
+  a build product.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron_tnllm.hf import configuration_transnormer, modeling_transnormer, t
 from megatron_tnllm.hf.configuration_transnormer import TransnormerConfig
 from megatron_tnllm.ops import decay, lrpe
 from megatron_tnllm.ops.lightning_attn import naive as attention_reference
+from megatron_tnllm.ops.skinny_linear import naive as skinny_reference
 from megatron_tnllm.ops.srmsnorm import naive as srmsnorm_reference
 
 __all__ = ["standalone_modeling_source", "write_export_files"]
@@ -43,14 +45,24 @@ _INLINED = (
     (lrpe, ("lrpe_theta_init", "apply_lrpe")),
     (attention_reference, ("lightning_attention_chunked", "lightning_attention_step_torch")),
     (srmsnorm_reference, ("srmsnorm_torch", "srmsnorm_gate_torch")),
+    (skinny_reference, ("skinny_linear_torch", "skinny_glu_torch")),
 )
 
 _STANDALONE_TAIL = """
 try:  # the Triton kernels, when megatron-tnllm is installed
-    from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm, srmsnorm_gate
+    from megatron_tnllm.ops import (
+        lightning_attention,
+        lightning_attention_step,
+        skinny_glu,
+        skinny_linear,
+        srmsnorm,
+        srmsnorm_gate,
+    )
 except ImportError:
     lightning_attention = lightning_attention_chunked
     lightning_attention_step = lightning_attention_step_torch
+    skinny_glu = skinny_glu_torch
+    skinny_linear = skinny_linear_torch
     srmsnorm = srmsnorm_torch
     srmsnorm_gate = srmsnorm_gate_torch
 """

@@ -37,7 +37,14 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 # --- standalone imports: begin ---
-from megatron_tnllm.ops import lightning_attention, lightning_attention_step, srmsnorm, srmsnorm_gate
+from megatron_tnllm.ops import (
+    lightning_attention,
+    lightning_attention_step,
+    skinny_glu,
+    skinny_linear,
+    srmsnorm,
+    srmsnorm_gate,
+)
 from megatron_tnllm.ops.decay import layer_slopes
 from megatron_tnllm.ops.lrpe import apply_lrpe, lrpe_theta_init
 
@@ -55,6 +62,10 @@ __all__ = [
 ]
 
 NORM_EPS = 1e-6
+# Products of at most this many rows without autograd (a decode step's batch) run the skinny kernels: one pass over
+# the weight with the residual add or SGLU's gate in the epilogue. Larger ones (prefill, training) run nn.Linear:
+# at 64 rows cuBLAS was faster on 3 of tnl-7b's 5 products (docs/decoding.md).
+SKINNY_ROWS = 16
 # transformers renamed the cache field of model outputs (and the generate() keyword) from
 # "past_key_values" to "cache" during 5.x; speak whichever this version speaks.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -197,6 +208,18 @@ class Lrpe(nn.Module):
         return apply_lrpe(x, self.theta, positions)
 
 
+def _skinny(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.numel() <= SKINNY_ROWS * x.shape[-1]
+
+
+def project(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x) for x [..., K], plus ``residual`` [..., N] when given (``linear`` has no bias)."""
+    if _skinny(x):
+        return skinny_linear(x, linear.weight, residual)
+    y = linear(x)
+    return y if residual is None else residual + y
+
+
 class NormLinearAttention(nn.Module):
     """The token mixer: o = SRMSNorm(decayed linear attention(SiLU(q), SiLU(k), v)) * u, projected."""
 
@@ -226,14 +249,15 @@ class NormLinearAttention(nn.Module):
         pad_mask: torch.Tensor | None,
         state: torch.Tensor | None,
         use_cache: bool,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [b, n, D] -> ([b, n, D], new state [b, h, d_qk, d_v] fp32 or None).
+        """x [b, n, D] -> (residual + output [b, n, D], new state [b, h, d_qk, d_v] fp32 or None).
 
         positions [b, n]: LRPE positions; pad_mask [b, n] bool, False at padding (whose v rows are zeroed,
-        so padding adds nothing to the state); state: the state before these tokens.
+        so padding adds nothing to the state); state: the state before these tokens; residual [b, n, D] or None.
         """
         b, n, width = x.shape
-        qkvu = self.qkvu_proj(x).view(b, n, 4, self.num_heads, self.head_dim)
+        qkvu = project(x, self.qkvu_proj).view(b, n, 4, self.num_heads, self.head_dim)
         u = qkvu[:, :, 3].reshape(b, n, width)  # a view: the gate is read in place by the norm below
         slope = self.slope(x.device)
         lrpe = hasattr(self, "lrpe")
@@ -258,7 +282,7 @@ class NormLinearAttention(nn.Module):
                 o, state = lightning_attention(q, k, v, slope, initial_state=state, output_final_state=use_cache)
         # the gate multiplied into the norm's output in one pass, without rounding in between
         o = srmsnorm_gate(o.reshape(b, n, width), u, NORM_EPS)
-        return self.out_proj(o), state
+        return project(o, self.out_proj, residual), state
 
 
 class SoftmaxAttention(nn.Module):
@@ -274,15 +298,19 @@ class SoftmaxAttention(nn.Module):
         self.out_proj = nn.Linear(width, width, bias=False)
 
     def forward(
-        self, x: torch.Tensor, key_mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [b, n, D] -> ([b, n, D], (keys, values) [b, h, past + n, d]).
+        """x [b, n, D] -> (residual + output [b, n, D], (keys, values) [b, h, past + n, d]).
 
         key_mask [b, past + n] bool, False at padding (None: no padding); kv: the keys and values of the past
-        tokens, or None.
+        tokens, or None; residual [b, n, D] or None.
         """
         b, n, width = x.shape
-        q, k, v = self.qkv_proj(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = project(x, self.qkv_proj).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv is not None:
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
         past = k.shape[2] - n
@@ -295,7 +323,7 @@ class SoftmaxAttention(nn.Module):
             if key_mask is not None:  # a pad query keeps its own key, so that no row is empty (NaN)
                 allowed = allowed & (key_mask[:, None, :] | (key_at == query_at))[:, None]  # [b, 1, n, past + n]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.out_proj(o.transpose(1, 2).reshape(b, n, width)), (k, v)
+        return project(o.transpose(1, 2).reshape(b, n, width), self.out_proj, residual), (k, v)
 
 
 class GLU(nn.Module):
@@ -307,8 +335,10 @@ class GLU(nn.Module):
         self.l2 = nn.Linear(width, glu_width, bias=False)
         self.l3 = nn.Linear(glu_width, width, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l3(self.l1(x) * self.l2(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D] -> residual + l3(l1(x) * l2(x)) [..., D] (no residual: the SGLU output alone)."""
+        h = skinny_glu(x, self.l1.weight, self.l2.weight) if _skinny(x) else self.l1(x) * self.l2(x)
+        return project(h, self.l3, residual)
 
 
 class TransnormerDecoderLayer(nn.Module):
@@ -333,11 +363,10 @@ class TransnormerDecoderLayer(nn.Module):
         """x [b, n, D] -> (x [b, n, D], state). state: the TNL state, or on softmax layers the (keys, values);
         positions and pad_mask [b, n] feed TNL layers, key_mask [b, past + n] softmax layers."""
         if self.softmax:
-            o, state = self.token_mixer(srmsnorm(x, NORM_EPS), key_mask, state)
+            x, state = self.token_mixer(srmsnorm(x, NORM_EPS), key_mask, state, residual=x)
         else:
-            o, state = self.token_mixer(srmsnorm(x, NORM_EPS), positions, pad_mask, state, use_cache)
-        x = x + o
-        return x + self.channel_mixer(srmsnorm(x, NORM_EPS)), state
+            x, state = self.token_mixer(srmsnorm(x, NORM_EPS), positions, pad_mask, state, use_cache, residual=x)
+        return self.channel_mixer(srmsnorm(x, NORM_EPS), residual=x), state
 
 
 class TransnormerPreTrainedModel(PreTrainedModel):
@@ -535,7 +564,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
         for layer, state in zip(m.layers, g.states, strict=True):
             hidden, _ = layer(hidden, positions, g.mask, state, True)  # the step updates ``state`` in place
         g.positions.add_(g.mask[:, 0].long())
-        return self.lm_head(srmsnorm(hidden, NORM_EPS))
+        return project(srmsnorm(hidden, NORM_EPS), self.lm_head)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -590,7 +619,7 @@ class TransnormerForCausalLM(TransnormerPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = project(hidden[:, -logits_to_keep:] if logits_to_keep else hidden, self.lm_head)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

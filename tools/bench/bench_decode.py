@@ -5,10 +5,12 @@ kernel; logits of the last token only), repeat its cache to the batch size (deco
 the values in the state or the KV cache), then run decode steps, each feeding the argmax of the previous
 step's logits, timed one by one with CUDA events: best and median ms per step, tokens/s = batch / median.
 
-Series: ``tnl`` (decode_mode "graph": one CUDA graph per step), ``tnl-eager`` (plain PyTorch, the reference
-point), ``llama`` (transformers LlamaForCausalLM, SDPA, DynamicCache; skipped where its KV cache would exceed
---llama-max-kv-gib). Floor: the weights and the cache (TNL's fp32 states, Llama's KV) read once, at
---bandwidth. Random weights, one model on the GPU at a time.
+Series: ``tnl`` (decode_mode "graph": one CUDA graph per step), ``tnl-cublas`` (the same graph with the step's
+products through ``nn.Linear``, i.e. cuBLAS and separate residual adds and gate, instead of the skinny kernels; at
+the first context only), ``tnl-eager`` (plain PyTorch, the reference point), ``llama`` (transformers
+LlamaForCausalLM, SDPA, DynamicCache; skipped where its KV cache would exceed --llama-max-kv-gib). Floor: the
+weights and the cache (TNL's fp32 states, Llama's KV) read once, at --bandwidth. Random weights, one model on
+the GPU at a time.
 
     python tools/bench/bench_decode.py --out DIR            # tnl-1b shape, bf16, batch 1 and 64, contexts 1k/16k/128k
     python tools/bench/bench_decode.py --smoke --out DIR    # tnl-tiny shape on CPU ("static" decode), seconds
@@ -31,8 +33,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_tnllm.configs import TNLConfig, get_preset
 from megatron_tnllm.convert.layout import hf_config_from_tnl
-from megatron_tnllm.hf import TransnormerForCausalLM
+from megatron_tnllm.hf import TransnormerForCausalLM, modeling_transnormer
 from megatron_tnllm.hf.modeling_transnormer import CACHE_FIELD
+
+SKINNY_ROWS = modeling_transnormer.SKINNY_ROWS
 
 GIB = 2**30
 
@@ -117,6 +121,8 @@ def measure(model, series: str, batch: int, context: int, args, device: torch.de
     name = "llama" if series == "llama" else "tnl"
     if name == "tnl":
         model.decode_mode = "eager" if series == "tnl-eager" else args.tnl_mode
+        modeling_transnormer.SKINNY_ROWS = 0 if series == "tnl-cublas" else SKINNY_ROWS
+        model.decode_graphs.clear()  # recorded again with this series' products
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -169,20 +175,21 @@ def run(args) -> dict:
         model = build(name, shape, dtype, device)
         wbytes = weight_bytes(model)
         results[f"{name}_weight_gib"] = wbytes / GIB
-        for series in ("tnl", "tnl-eager") if name == "tnl" else ("llama",):
+        for series in ("tnl", "tnl-cublas", "tnl-eager") if name == "tnl" else ("llama",):
             for batch in args.batches:
                 for context in args.contexts:
                     kv = kv_gib(shape, batch, context)
                     if series == "llama" and kv > args.llama_max_kv_gib:
                         print(f"skip llama batch {batch} context {context}: KV cache {kv:.1f} GiB")
                         continue
-                    if series == "tnl-eager" and context != args.contexts[0]:
-                        continue  # constant time: one context is enough for the reference point
+                    if series in ("tnl-cublas", "tnl-eager") and context != args.contexts[0]:
+                        continue  # constant time: one context is enough for the reference points
                     row = measure(model, series, batch, context, args, device)
                     row["floor_ms"] = (wbytes + row["cache_gib"] * GIB) / (args.bandwidth * 1e12) * 1e3
                     row["x_floor"] = row["median_ms"] / row["floor_ms"]
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
+        modeling_transnormer.SKINNY_ROWS = SKINNY_ROWS
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
