@@ -26,8 +26,9 @@ from tests.triton_targets import (  # poisoned_outputs: autouse in this module
 )
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# against fp64 of the same inputs: fp32 accumulates exactly (no tf32); 16-bit outputs: one or two roundings
-TOL = {F32: 1e-6, F16: 2e-3, BF16: 1e-2}
+# against fp64 of the same inputs: fp32 accumulates in fp32 (no tf32; K up to 5632 sums: 1.3e-6 measured on an
+# H200), 16-bit outputs: one or two roundings
+TOL = {F32: 5e-6, F16: 2e-3, BF16: 1e-2}
 
 if not INTERPRET:
 
