@@ -8,15 +8,16 @@ Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at t
 
 * matrix products: 6 tokens (5 D^2 + 3 D G) / TP FLOPs at GEMM_EFFICIENCY x 989 TFLOP/s (x 4/3 with full
   recompute), or tools/bench/bench_layer.py's measured time of the same per-GPU products (``--layer-times``);
-* lightning attention: ATTENTION_S_PER_ELEMENT per token x D / TP (docs/benchmarks.md, B4_T8192_H32: 1.80 ms
-  fwd+bwd), x LRPE_ATTENTION on an LRPE layer; measured per shape with ``--layer-times``;
+* lightning attention: ATTENTION_CALL_S + ATTENTION_S_PER_ELEMENT per token x D / TP (fitted to the fwd+bwd times
+  of docs/benchmarks.md, from the launchers' per-GPU shapes, 0.14 ms at 3.1 M elements, to 7.4 ms at 537 M: the
+  kernels are latency-bound at small shapes), x LRPE_ATTENTION on an LRPE layer; measured with ``--layer-times``;
 * a hybrid's softmax-attention layers (:mod:`megatron_tnllm.hybrid`; always modeled, ``--layer-times`` measures
   TNL layers only): products 6 tokens (4 D^2 + 3 D G) / TP FLOPs as above, and the causal score and value
   products through SDPA's flash kernel, 3 x 2 SEQ D FLOPs per token (megatron_tnllm.flops) x tokens / TP at
   SOFTMAX_ATTENTION_FLOPS; elementwise work of D / (TP if SP else 1) + (D + 3 G) / TP per token (no SiLU, gate
   or norm in the mixer; the attention output's copy);
 * the rest (norms, SiLU, gating, residuals, casts): ELEMENTWISE_S per token x (D / (TP if SP else 1)
-  + (4 D + 3 G) / TP) elements, calibrated on tnl-1b; or the measured layer minus its products and attention;
+  + (4 D + 3 G) / TP) elements, measured on tnl-1b; or the measured layer minus its products and attention;
 * the host: Megatron's local (non-Transformer-Engine) layer launches its kernels from Python; a layer's
   forward + backward never takes less than HOST_S (HOST_TP_S with tensor parallelism), calibrated on tnl-385m;
 * tensor-parallel traffic (not overlapped without Transformer Engine): 8 collectives (4 forward, 4 backward:
@@ -77,15 +78,21 @@ COLLECTIVE_LATENCY = 20e-6  # s per collective (NCCL launch and synchronisation)
 GPUS_PER_NODE = 8
 
 GEMM_EFFICIENCY = 0.75  # of PEAK_FLOPS on the layer's products (large shapes; bench_layer.py measures them)
-ATTENTION_S_PER_ELEMENT = 1.80e-3 / (4 * 8192 * 32 * 128)  # lightning attention fwd+bwd per token x head dim
+# lightning attention fwd+bwd of one layer and micro-batch: a latency floor plus a cost per token x (D / TP) element,
+# least squares in relative error over the 11 shapes of docs/benchmarks.md (3.1-537 M elements, v3 table and v4.2
+# launcher shapes, one H200): every shape within 21 % (the per-element cost alone was 2.8x low at tnl-175b TP=8)
+ATTENTION_CALL_S = 0.109e-3
+ATTENTION_S_PER_ELEMENT = 15.1e-12
 LRPE_ATTENTION = 2.58  # Dk = 2 dh against dh, fwd+bwd (docs/benchmarks.md)
 # Model FLOP/s of causal softmax attention fwd+bwd through torch SDPA's flash kernel (3 x 2 s D per token;
 # calibrated: the same-shape GPT of docs/training.md §4, one H200, whose step time per token grows by 291 TFLOP/s
 # of attention FLOPs from 2k to 32k and by 277 from 2k to 8k)
 SOFTMAX_ATTENTION_FLOPS = 290e12
-# s per element per layer fwd+bwd (calibrated: tnl-1b, 2k, one H200, with the fused elementwise ops and
-# megatron_tnllm's cross-entropy: 778.2 ms per step; 6e-12 before the fused ops)
-ELEMENTWISE_S = 4e-12
+# s per element per layer fwd+bwd (measured: the tnl-1b profile of docs/profile.md §1 with the fused elementwise ops
+# and megatron_tnllm's cross-entropy, 184.6 ms of norm_elementwise kernels in 8 micro-batches x 16 layers of
+# 444.6 M elements each; 4e-12 when fitted to a step time with the per-element attention cost, 6e-12 before the
+# fused ops)
+ELEMENTWISE_S = 3.2e-12
 HOST_S = 3.2e-3  # host floor of a layer's fwd+bwd, TP = 1 (calibrated: tnl-385m, one H200)
 HOST_TP_S = 4.8e-3  # the same with tensor parallelism (calibrated: tnl-385m, TP = 2)
 # HBM bytes per logit of the cross entropy fwd+bwd at HBM_BW, measured (tools/bench/bench_cross_entropy.py, tnl-1b's
@@ -163,7 +170,8 @@ def layer_seconds(
             rest = ELEMENTWISE_S * elements * recompute
     else:
         gemm = 6 * tokens * (5 * D * D + 3 * D * G) / tp / (GEMM_EFFICIENCY * PEAK_FLOPS) * recompute
-        attention = ATTENTION_S_PER_ELEMENT * tokens * D / tp * (LRPE_ATTENTION if lrpe else 1) * recompute
+        attention = (ATTENTION_CALL_S + ATTENTION_S_PER_ELEMENT * tokens * D / tp) * (LRPE_ATTENTION if lrpe else 1)
+        attention *= recompute
         rest = ELEMENTWISE_S * elements * recompute
     compute = gemm + attention + rest
     host = (HOST_TP_S if tp > 1 else HOST_S) * recompute
