@@ -12,7 +12,16 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "INTERPRET", "POISON_OUTPUTS", "as_rows", "check_triton_device", "poison", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "INTERPRET",
+    "POISON_OUTPUTS",
+    "as_rows",
+    "check_triton_device",
+    "poison",
+    "resolve_backend",
+    "sm_count",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -36,6 +45,14 @@ def check_triton_device(x: torch.Tensor) -> None:
         raise RuntimeError(
             f"Triton on {x.device} tensors needs TRITON_INTERPRET=1 set before megatron_tnllm is imported"
         )
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (what launch grids are sized to); 4 elsewhere (the
+    interpreter), so that small test shapes still take the multi-program paths."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def poison(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -5,7 +5,8 @@ gated product in its epilogue), at the products of one Hugging Face decode step 
 Per preset and row count M (the decode batch): qkvu (D -> 4D), out + residual (D -> D), glu ((x W1^T) * (x W2^T),
 D -> G), l3 + residual (G -> D) and the LM head (D -> V). Each case is timed as a CUDA graph of calls that cycle
 through copies of its weights (at least --cycle-mib of them, several times the L2 cache, so every call reads its
-weights from HBM as a decode step does) and replayed; ms per call is the median replay over the calls in it. The
+weights from HBM as a decode step does) and replayed (``Bench.graph_ms``); ms per call is the median replay over
+the calls in it. The
 floor is the least traffic (weights, x, the output and the residual) at --bandwidth. Errors: max relative error
 against the fp64 product of the same bf16 inputs. ``--sweep`` also times each of SWEEP's launch settings.
 
@@ -19,8 +20,6 @@ Writes DIR/bench_skinny.json and DIR/bench_skinny.md.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -46,35 +45,6 @@ def products(preset: str) -> list[tuple[str, int, int, bool, bool]]:
         ("l3+res", D, G, False, True),
         ("lm_head", V, D, False, False),
     ]
-
-
-def graph_ms(calls: list[Callable[[], object]], replays: int, cuda: bool) -> float:
-    """Median ms per call of ``calls`` captured into one CUDA graph (on the CPU: timed in a loop)."""
-    if not cuda:
-        t0 = time.perf_counter()
-        for fn in calls:
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / len(calls)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:  # compile and warm outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times)
 
 
 def measure(preset: str, rows: int, args, bench: Bench, configs: dict) -> list[dict]:
@@ -110,13 +80,13 @@ def measure(preset: str, rows: int, args, bench: Bench, configs: dict) -> list[d
         )  # fmt: skip
         base = {"preset": preset, "op": name, "rows": rows, "N": N, "K": K, "floor_ms": floor_ms}
         with torch.no_grad():
-            t_torch = graph_ms(calls(torch_fn), args.reps, bench.cuda)
+            t_torch = bench.graph_ms(calls(torch_fn))
             out.append({**base, "case": "cublas", "ms": t_torch, "err": rel(calls(torch_fn)[0]())})
             default = fused.CONFIG
             for label, kw in configs.items():
                 fused.CONFIG = dataclasses.replace(default, **kw)
                 try:
-                    t = graph_ms(calls(ours_fn), args.reps, bench.cuda)
+                    t = bench.graph_ms(calls(ours_fn))
                     out.append({**base, "case": label, "ms": t, "err": rel(calls(ours_fn)[0]())})
                 except Exception as e:  # noqa: BLE001  (a setting that does not fit: out of shared memory)
                     out.append({**base, "case": label, "error": repr(e)[:160]})

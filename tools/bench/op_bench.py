@@ -1,4 +1,5 @@
-"""What the op and layer benchmarks share: the ``Bench`` timer (bench_layer.py, bench_fusion.py, bench_norms.py),
+"""What the op and layer benchmarks share: the ``Bench`` timer (bench_layer.py, bench_fusion.py, bench_norms.py,
+bench_skinny.py),
 and the command line, device, launcher shapes and Markdown table of the two op benchmarks (bench_fusion.py,
 bench_norms.py).
 
@@ -10,6 +11,8 @@ Three timings, medians of ``iters`` calls after ``warmup`` calls, CUDA events on
   launches) counts wherever it exceeds the GPU's: the rate of a small op in eager code.
 * ``gpu_ms``: the calls queued behind a GPU sleep, so the host runs ahead and the events time the kernels alone,
   as inside a training step whose GEMMs keep the GPU busy.
+* ``graph_ms``: a list of calls captured into one CUDA graph and replayed, per call: no host time at all, as in a
+  recorded decode step.
 """
 
 from __future__ import annotations
@@ -96,6 +99,35 @@ class Bench:
             end.record()
         torch.cuda.synchronize(self.device)
         return [start.elapsed_time(end) for start, end in events]
+
+    def graph_ms(self, calls: list[Callable[[], object]]) -> float:
+        """Median ms per call of ``calls`` captured into one CUDA graph, over ``iters`` replays (warmed and compiled
+        on a side stream first). On the CPU: one pass over the calls, timed."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for fn in calls:
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / len(calls)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for fn in calls:
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in calls:
+                fn()
+        graph.replay()
+        times = []
+        for _ in range(self.iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(calls))
+        return statistics.median(times)
 
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.cuda else 0

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from megatron_tnllm.ops.backend import check_triton_device, poison
+from megatron_tnllm.ops.backend import check_triton_device, poison, sm_count
 
 __all__ = ["KernelConfig", "CONFIG", "chunk_lightning_attention", "plan_segments"]
 
@@ -548,12 +548,6 @@ def _seg_scan_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -578,7 +572,7 @@ def plan_segments(
     else:
         # H200 sweep (docs/kernels.md): a second segment costs an extra pass over k, v, so none once every
         # SM has a program; below that, fill two programs per SM without spilling into a second wave
-        sms = _sm_count(device)
+        sms = sm_count(device)
         want = 1 if base >= sms else max(1, (2 * sms) // base)
     n_seg = max(1, min(want, T // max(min_seg, bt)))
     seg_len = triton.cdiv(triton.cdiv(T, n_seg), bt) * bt

@@ -19,13 +19,12 @@ residual, as the PyTorch reference rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from megatron_tnllm.ops.backend import INTERPRET, as_rows, check_triton_device, poison
+from megatron_tnllm.ops.backend import as_rows, check_triton_device, poison, sm_count
 
 __all__ = ["CONFIG", "SkinnyConfig", "skinny_glu_triton", "skinny_linear_triton"]
 
@@ -92,11 +91,6 @@ def _skinny_kernel(
     tl.store(y + rows.to(tl.int64)[:, None] * s_y + cols[None, :], out, mask=m_y)
 
 
-@lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _settings(M: int, N: int, K: int, sms: int, weights: int, itemsize: int, cfg: SkinnyConfig) -> dict:
     """BM, BN, BK, STAGES and the grid of an [M, K] x [N, K]^T product with ``weights`` (1, or 2 for the gated
     product) of ``itemsize`` bytes per element (module docstring)."""
@@ -136,7 +130,7 @@ def _launch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, residual
         if residual is not None:
             y.copy_(r2)
     elif M and N:
-        meta = _settings(M, N, K, _num_sms(x.device), 1 if w2 is None else 2, x.element_size(), CONFIG)
+        meta = _settings(M, N, K, sm_count(x.device), 1 if w2 is None else 2, x.element_size(), CONFIG)
         _skinny_kernel[meta.pop("grid")](
             x2, weights[0], weights[1], r2, y, M, N, K,
             x2.stride(0), weights[0].stride(0), weights[1].stride(0), r2.stride(0), y.stride(0),
