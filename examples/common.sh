@@ -9,6 +9,8 @@
 #           NNODES (default: SLURM's node count, else 1; more than 1 only under SLURM), MASTER_PORT (default 29500),
 #           CROSS_ENTROPY (tnl, the default: megatron_tnllm's one-pass loss, which needs the patch
 #           patches/core_v0.19.0-tnl-cross-entropy.patch; megatron: Megatron's own),
+#           GRAD_ACCUM_FUSION (1, the default: weight gradients added into the fp32 main gradients inside the
+#           GEMM, which without apex needs patches/core_v0.19.0-wgrad-accum-fusion.patch; 0: off),
 #           PYTHON; any of the layout variables (TP PP VPP SP CP MBS GBS SEQ RECOMPUTE DISTOPT) to override the
 #           launcher's choice (CP, context parallelism, defaults to 1; VPP, virtual pipeline stages per pipeline
 #           rank for Megatron's interleaved 1F1B schedule, defaults to 1); extra pretrain_gpt.py arguments after
@@ -36,9 +38,9 @@ check_int() {
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at tag core_v0.19.0}"
 : "${PRESET:?set PRESET (the launchers do)}"
 : "${MOCK_DATA:=0}" "${GPUS_PER_NODE:=8}" "${NNODES:=1}" "${MASTER_PORT:=29500}" "${CP:=1}" "${VPP:=1}"
-: "${CROSS_ENTROPY:=tnl}"
+: "${CROSS_ENTROPY:=tnl}" "${GRAD_ACCUM_FUSION:=1}"
 : "${TRAIN_ITERS:=100000}" "${SAVE_INTERVAL:=1000}" "${LOG_INTERVAL:=10}" "${LR:=3e-4}"
-for flag in MOCK_DATA SP DISTOPT; do check_int "$flag" 0 1; done
+for flag in MOCK_DATA SP DISTOPT GRAD_ACCUM_FUSION; do check_int "$flag" 0 1; done
 for positive in GPUS_PER_NODE NNODES TP PP CP VPP MBS GBS SEQ TRAIN_ITERS SAVE_INTERVAL LOG_INTERVAL; do
     check_int "$positive" 1
 done
@@ -94,6 +96,12 @@ fi
 CKPT_DIR=${CKPT_DIR:-runs/$PRESET}
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if (( GRAD_ACCUM_FUSION )); then  # imported from MEGATRON_LM, as pretrain_gpt.py imports it
+    (cd "$MEGATRON_LM" && "$PYTHON" -c \
+        'from megatron.core.tensor_parallel import layers; raise SystemExit(not layers._grad_accum_fusion_available)') \
+        || die "GRAD_ACCUM_FUSION=1: the Megatron in $MEGATRON_LM has neither apex nor" \
+               "patches/core_v0.19.0-wgrad-accum-fusion.patch (apply patches/, or set GRAD_ACCUM_FUSION=0)"
+fi
 
 # From Python, one per line: the padded vocabulary, --min-lr, then the preset's pretrain_gpt.py arguments. The
 # values arrive as argv; the program is a fixed text. It checks what needs the preset or Python before importing
@@ -143,7 +151,7 @@ args=(
     --seq-length "$SEQ" --max-position-embeddings "$SEQ"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP"
     --micro-batch-size "$MBS" --global-batch-size "$GBS"
-    --bf16 --no-gradient-accumulation-fusion
+    --bf16
     --lr "$LR" --min-lr "$min_lr" --lr-decay-style cosine
     --lr-warmup-fraction 0.01 --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
     --train-iters "$TRAIN_ITERS"
@@ -155,6 +163,7 @@ args=(
 (( VPP > 1 )) && args+=(--num-virtual-stages-per-pipeline-rank "$VPP")
 (( SP )) && args+=(--sequence-parallel)
 (( DISTOPT )) && args+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
+(( GRAD_ACCUM_FUSION )) || args+=(--no-gradient-accumulation-fusion)
 # megatron_tnllm's cross-entropy (patches/core_v0.19.0-tnl-cross-entropy.patch): one pass over the logits each way
 [[ $CROSS_ENTROPY == tnl ]] && args+=(--cross-entropy-loss-fusion --cross-entropy-fusion-impl tnl)
 [[ $RECOMPUTE == full ]] && args+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1)

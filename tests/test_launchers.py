@@ -62,6 +62,7 @@ def launch_env(tmp_path_factory):
         "MASTER_PORT": str(port),
         "LAUNCH_RECORD": str(root / "record"),
         "CKPT_DIR": str(root / "ckpt"),
+        "GRAD_ACCUM_FUSION": "0",  # the installed megatron-core is unpatched (the patched case: test_wgrad_accum.py)
     }
     return root, env
 
@@ -105,6 +106,23 @@ def test_7b_launcher_with_context_parallelism(launch_env):
     assert value("--lr") == "3e-4" and value("--min-lr") == "2.9999999999999997e-05"
     assert "--num-virtual-stages-per-pipeline-rank" not in argv  # VPP defaults to 1: no interleaving
     assert value("--cross-entropy-fusion-impl") == "tnl" and "--cross-entropy-loss-fusion" in argv  # CROSS_ENTROPY
+    assert "--no-gradient-accumulation-fusion" in argv  # GRAD_ACCUM_FUSION=0
+
+
+def test_gradient_accumulation_fusion_needs_apex_or_the_patch(launch_env):
+    """GRAD_ACCUM_FUSION=1, the default, is refused before anything runs where MEGATRON_LM's Megatron cannot fuse
+    (here the installed megatron-core, unpatched unless apex or the patch is there)."""
+    from megatron.core.tensor_parallel import layers
+
+    root, env = launch_env
+    _clear_records(root)
+    done = _launch(env, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1, GRAD_ACCUM_FUSION=1)
+    if layers._grad_accum_fusion_available:
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "--no-gradient-accumulation-fusion" not in json.loads((root / "record.0.json").read_text())["argv"]
+    else:
+        assert done.returncode == 1 and "patches/core_v0.19.0-wgrad-accum-fusion.patch" in done.stderr
+        assert not _records(root)
 
 
 def test_megatron_cross_entropy_on_request(launch_env):

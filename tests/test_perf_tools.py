@@ -85,7 +85,8 @@ def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProc
         "throughput per GPU (TFLOP/s/GPU): 400.0 | global batch size: {gbs:5d} | lm loss: 1.0E+01 |')\n"
         "    print('memory (MB) | allocated: 1 | max allocated: 46080.0 | reserved: 1')\n"
     )
-    full = {**os.environ, "MEGATRON_LM": str(megatron), "PYTHON": sys.executable, "PORT": "29761", **env}
+    full = {**os.environ, "MEGATRON_LM": str(megatron), "PYTHON": sys.executable, "PORT": "29761",
+            "GRAD_ACCUM_FUSION": "0", **env}  # fmt: skip
     return subprocess.run(
         ["bash", str(TOOLS / "bench_training.sh"), str(tmp_path / "out"), *args],
         env=full,
@@ -110,6 +111,7 @@ def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProc
         ({"EXTRA_ARGS": "--cross-entropy-loss-fusion --save=/tmp"}, ["2048"], "EXTRA_ARGS entry --save=/tmp: expected"),
         ({"EXTRA_ARGS": "--cross-entropy-fusion-impl te"}, ["2048"], "--cross-entropy-fusion-impl takes native or tnl"),
         ({"EXTRA_ARGS": "--cross-entropy-loss-fusion\n--save"}, ["2048"], "expected flags on one line"),
+        ({"GRAD_ACCUM_FUSION": "yes"}, ["2048"], "GRAD_ACCUM_FUSION=yes: expected 0 or 1"),
     ],
 )
 def test_bench_training_takes_values_not_code(tmp_path, monkeypatch, env, args, message):
@@ -127,6 +129,20 @@ def test_bench_training_summary(tmp_path):
     # 3 x 2,062,680,064 FLOP per token (megatron_tnllm.flops, LRPE on layer 0) x 65,536 tokens in 1 s:
     # 405.5 TFLOP/s, 41.0% of 989; 46080 MiB
     assert rows[2] == "| tnl | 2048 | 1 | 1000.0 | 65,536 | 406 | 41.0% | 45.0 |"
+    assert "--no-gradient-accumulation-fusion" in (tmp_path / "out" / "tnl_2048.log").read_text()
+
+
+def test_bench_training_fusion_needs_apex_or_the_patch(tmp_path):
+    """GRAD_ACCUM_FUSION=1 (the default) runs only where the Megatron that PYTHON imports can fuse; the installed
+    one here is checked both ways (tests/test_wgrad_accum.py runs it against the patched copy)."""
+    from megatron.core.tensor_parallel import layers
+
+    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "4", "GRAD_ACCUM_FUSION": "1"}, "2048")
+    if layers._grad_accum_fusion_available:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1 and "patches/core_v0.19.0-wgrad-accum-fusion.patch" in done.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def _hybrid_flops_per_token(seq: int) -> int:

@@ -49,6 +49,11 @@ RECORDED = [
     ("1b hybrid tnl loss seq 32k", "tnl-1b-hybrid", 64000,
      Layout(mbs=1, seq=32768, num_microbatches=2, cross_entropy="tnl"), 0.8515),
     ("1b Megatron loss seq 2k, same run", "tnl-1b", 64000, Layout(mbs=8, seq=2048, num_microbatches=4), 0.8385),
+    # docs/profile.md §3: megatron_tnllm's loss with and without gradient-accumulation fusion, one invocation each
+    ("1b tnl loss + fusion seq 2k", "tnl-1b", 64000,
+     Layout(mbs=8, seq=2048, num_microbatches=4, cross_entropy="tnl", grad_accum_fusion=True), 0.7616),
+    ("1b tnl loss seq 2k, unfused rerun", "tnl-1b", 64000,
+     Layout(mbs=8, seq=2048, num_microbatches=4, cross_entropy="tnl"), 0.7658),
 ]  # fmt: skip
 
 
@@ -90,6 +95,20 @@ def test_cross_entropy_choice_costs_its_logit_bytes():
     with pytest.raises(ValueError, match="cross_entropy must be one of \\('megatron', 'tnl'\\), got 'native'"):
         Layout(cross_entropy="native")
     assert {launcher_layout(lay).cross_entropy for lay in launchers()} == {"tnl"}
+
+
+def test_gradient_accumulation_fusion_costs_its_main_grad_bytes():
+    """Per layer and micro-batch the main-gradient addition moves 14.4 B per parameter of the shard unfused and
+    3.7 B fused (tools/bench/bench_wgrad.py); the launchers fuse (examples/common.sh's GRAD_ACCUM_FUSION)."""
+    from megatron_tnllm.planning.memory import layer_parameters
+
+    cfg = get_preset("tnl-175b")
+    base = dict(tp=8, sp=True, pp=12, dp=2, mbs=1, num_microbatches=48, cross_entropy="tnl")
+    fused, unfused = (plan_step.layer_seconds(cfg, Layout(**base, grad_accum_fusion=f), False) for f in (True, False))
+    saved = unfused["main_grad"] - fused["main_grad"]
+    assert saved == pytest.approx((14.4 - 3.7) * layer_parameters(cfg) / 8 / plan_step.HBM_BW)
+    assert saved == pytest.approx(0.53e-3, rel=0.15)  # bench_wgrad's tnl-175b TP=8 weights: 0.532 ms saved
+    assert {launcher_layout(lay).grad_accum_fusion for lay in launchers()} == {True}
 
 
 def test_interleaving_divides_the_bubble_by_vpp():

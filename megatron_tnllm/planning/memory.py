@@ -73,6 +73,9 @@ class Layout:
     distributed_optimizer: bool = True
     vpp: int = 1
     cross_entropy: str = "megatron"  # "megatron" (pretrain_gpt.py's default) or "tnl" (--cross-entropy-fusion-impl tnl)
+    # weight gradients added into the fp32 main gradients inside the GEMM (--gradient-accumulation-fusion; without
+    # apex through patches/core_v0.19.0-wgrad-accum-fusion.patch): the step-time model's cost, not memory
+    grad_accum_fusion: bool = False
 
     def __post_init__(self) -> None:
         for field in ("tp", "pp", "dp", "cp", "mbs", "seq", "num_microbatches", "vpp"):
@@ -267,6 +270,10 @@ def add_layout_arguments(p: argparse.ArgumentParser, preset_required: bool = Tru
         "--cross-entropy", choices=tuple(LOGIT_BYTES_HELD), default="megatron",
         help="the loss: Megatron's (pretrain_gpt.py's default) or megatron_tnllm's (--cross-entropy-fusion-impl tnl)",
     )  # fmt: skip
+    p.add_argument(
+        "--grad-accum-fusion", action="store_true",
+        help="weight gradients added into the fp32 main gradients inside the GEMM (the launchers' default)",
+    )  # fmt: skip
 
 
 def layout_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[TNLConfig, Layout]:
@@ -283,7 +290,7 @@ def layout_from_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     try:
         lay = Layout(
             args.tp, args.pp, args.dp, args.cp, args.sp, args.mbs, args.seq, gbs // (args.mbs * args.dp),
-            args.recompute, not args.no_distributed_optimizer, args.vpp, args.cross_entropy,
+            args.recompute, not args.no_distributed_optimizer, args.vpp, args.cross_entropy, args.grad_accum_fusion,
         )  # fmt: skip
         _check(cfg, lay)
     except ValueError as e:

@@ -18,6 +18,9 @@ Per micro-batch and layer, one GPU (tokens = MBS x SEQ / CP, widths per GPU at t
   or norm in the mixer; the attention output's copy);
 * the rest (norms, SiLU, gating, residuals, casts): ELEMENTWISE_S per token x (D / (TP if SP else 1)
   + (4 D + 3 G) / TP) elements, measured on tnl-1b; or the measured layer minus its products and attention;
+* the weight gradients' addition into the fp32 main gradients: MAIN_GRAD_BYTES per parameter of the layer's shard
+  at HBM bandwidth, unfused (a bf16 gradient, then DDP's add) or with gradient-accumulation fusion (the GEMM adds
+  into the fp32 buffer); the same for the output layer on the last stage;
 * the host: Megatron's local (non-Transformer-Engine) layer launches its kernels from Python; a layer's
   forward + backward never takes less than HOST_S (HOST_TP_S with tensor parallelism), calibrated on tnl-385m;
 * tensor-parallel traffic (not overlapped without Transformer Engine): 8 collectives (4 forward, 4 backward:
@@ -90,9 +93,14 @@ LRPE_ATTENTION = 2.58  # Dk = 2 dh against dh, fwd+bwd (docs/benchmarks.md)
 SOFTMAX_ATTENTION_FLOPS = 290e12
 # s per element per layer fwd+bwd (measured: the tnl-1b profile of docs/profile.md §1 with the fused elementwise ops
 # and megatron_tnllm's cross-entropy, 184.6 ms of norm_elementwise kernels in 8 micro-batches x 16 layers of
-# 444.6 M elements each; 4e-12 when fitted to a step time with the per-element attention cost, 6e-12 before the
-# fused ops)
-ELEMENTWISE_S = 3.2e-12
+# 444.6 M elements each, less its 33.3 ms fp32 main-gradient add, which MAIN_GRAD_BYTES counts; 3.2e-12 with it,
+# 4e-12 when fitted to a step time with the per-element attention cost, 6e-12 before the fused ops)
+ELEMENTWISE_S = 2.6e-12
+# HBM bytes per parameter of a weight shard and micro-batch for adding its gradient into the fp32 main gradient,
+# beyond the weight-gradient GEMM itself, by --gradient-accumulation-fusion (tools/bench/bench_wgrad.py, one H200,
+# bf16, at HBM_BW: the tnl-1b, tnl-7b and tnl-175b launcher shapes give 14.5 / 14.5 / 14.2 B unfused and
+# 2.9 / 3.5 / 4.8 B fused)
+MAIN_GRAD_BYTES = {False: 14.4, True: 3.7}
 HOST_S = 3.2e-3  # host floor of a layer's fwd+bwd, TP = 1 (calibrated: tnl-385m, one H200)
 HOST_TP_S = 4.8e-3  # the same with tensor parallelism (calibrated: tnl-385m, TP = 2)
 # HBM bytes per logit of the cross entropy fwd+bwd at HBM_BW, measured (tools/bench/bench_cross_entropy.py, tnl-1b's
@@ -173,12 +181,16 @@ def layer_seconds(
         attention = (ATTENTION_CALL_S + ATTENTION_S_PER_ELEMENT * tokens * D / tp) * (LRPE_ATTENTION if lrpe else 1)
         attention *= recompute
         rest = ELEMENTWISE_S * elements * recompute
-    compute = gemm + attention + rest
+    main_grad = MAIN_GRAD_BYTES[lay.grad_accum_fusion] * layer_parameters(cfg, softmax=softmax) / tp / HBM_BW
+    compute = gemm + attention + rest + main_grad
     host = (HOST_TP_S if tp > 1 else HOST_S) * recompute
     collectives = (12 if lay.recompute == "full" else 8) if tp > 1 else 0
     tp_comm = collectives * ((tp - 1) / tp * tokens * D * 2 / _link(1, tp, cluster) + COLLECTIVE_LATENCY)
     total = max(compute, host, tp_comm) if cluster.overlap_tp else max(compute, host) + tp_comm
-    return {"gemm": gemm, "attention": attention, "other": rest, "host": host, "tp_comm": tp_comm, "total": total}
+    return {
+        "gemm": gemm, "attention": attention, "other": rest, "main_grad": main_grad, "host": host, "tp_comm": tp_comm,
+        "total": total,
+    }  # fmt: skip
 
 
 def predict(
@@ -204,6 +216,7 @@ def predict(
     logits = (
         6 * tokens * D * V / tp / (GEMM_EFFICIENCY * PEAK_FLOPS)
         + LOGIT_BYTES[lay.cross_entropy] * tokens * V / tp / HBM_BW
+        + MAIN_GRAD_BYTES[lay.grad_accum_fusion] * V * D / tp / HBM_BW
     )
     # first, last, then the middle stages (the order of the sums below)
     stages = [layer_s[0], layer_s[-1] + logits, *layer_s[1:-1]] if pp > 1 else [layer_s[0] + logits]
@@ -297,6 +310,7 @@ def launchers(directory: Path = EXAMPLES) -> list[dict]:
             "mbs": int(values["MBS"]), "gbs": int(values["GBS"]), "seq": int(values["SEQ"]),
             "recompute": values["RECOMPUTE"], "distopt": values["DISTOPT"] == "1",
             "cross_entropy": values.get("CROSS_ENTROPY", "megatron"),
+            "grad_accum_fusion": values.get("GRAD_ACCUM_FUSION", "0") == "1",
         })  # fmt: skip
     order = {name: i for i, name in enumerate(("tnl-385m", "tnl-1b", "tnl-3b", "tnl-7b", "tnl-13b", "tnl-65b"))}
     return sorted(out, key=lambda lay: order.get(lay["preset"], len(order)))
@@ -309,6 +323,7 @@ def launcher_layout(lay: dict) -> Layout:
         tp=lay["tp"], pp=lay["pp"], dp=dp, cp=lay["cp"], sp=lay["sp"], mbs=lay["mbs"], seq=lay["seq"],
         num_microbatches=lay["gbs"] // (lay["mbs"] * dp), recompute=lay["recompute"],
         distributed_optimizer=lay["distopt"], vpp=lay["vpp"], cross_entropy=lay["cross_entropy"],
+        grad_accum_fusion=lay["grad_accum_fusion"],
     )  # fmt: skip
 
 

@@ -6,7 +6,8 @@
 # GPUs; and tnl-7b at its launcher's layout (TP=2 + sequence parallel, micro-batch 1 x 4096) on two GPUs.
 #
 #   MEGATRON_LM=third_party/Megatron-LM [GPU=0] [GPUS=0,1] [ITERS=8] [MODELS="tnl gpt"] [PORT=29500] \
-#       [PEAK_TFLOPS=989] [EXTRA_ARGS="--cross-entropy-loss-fusion"] tools/bench/bench_training.sh OUT_DIR [SEQ ...]
+#       [PEAK_TFLOPS=989] [GRAD_ACCUM_FUSION=1] [EXTRA_ARGS="--cross-entropy-loss-fusion"] \
+#       tools/bench/bench_training.sh OUT_DIR [SEQ ...]
 #
 # MODELS: any of tnl (tnl-1b on GPU), gpt (the GPT on GPU), hybrid (tnl-1b-hybrid on GPU), tnlcp2 and hybridcp2
 # (tnl-1b and tnl-1b-hybrid with --context-parallel-size 2 on GPUS), tnl7b (tnl-7b, TP=2 + SP on GPUS, sequence
@@ -15,7 +16,9 @@
 # OUT_DIR/<model>_<seq>.log. Runs with more than 32k tokens of a sequence per GPU (the one-GPU 64k runs, CP=2 above
 # 64k) use full activation recompute (without it the 64k runs do not fit 141 GB at vocab 64000). EXTRA_ARGS: more
 # pretrain_gpt.py flags for every run, only from --cross-entropy-loss-fusion and --cross-entropy-fusion-impl native or
-# tnl (megatron_tnllm.ops.cross_entropy; needs patches/core_v0.19.0-tnl-cross-entropy.patch).
+# tnl (megatron_tnllm.ops.cross_entropy; needs patches/core_v0.19.0-tnl-cross-entropy.patch). GRAD_ACCUM_FUSION (1,
+# the default, for every model): Megatron's gradient-accumulation fusion, which without apex needs
+# patches/core_v0.19.0-wgrad-accum-fusion.patch (checked before the first run); 0: --no-gradient-accumulation-fusion.
 # At the end OUT_DIR/summary.md holds one row per run: median step time over the steps after the third, tokens/s,
 # model TFLOP/s per GPU (TNL and hybrids: megatron_tnllm.flops with the preset's softmax layers, counted the same
 # with or without the FLOP patch; GPT: Megatron's own formula from its log) and MFU = TFLOP/s / PEAK_TFLOPS
@@ -35,7 +38,8 @@ for s in "${seqs[@]}"; do is_int "$s" 1 || die "$(printf 'SEQ %q' "$s"): expecte
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout at core_v0.19.0}"
 [[ -f $MEGATRON_LM/pretrain_gpt.py ]] || die "no pretrain_gpt.py in MEGATRON_LM=$MEGATRON_LM"
 GPU=${GPU:-0} GPUS=${GPUS:-0,1} ITERS=${ITERS:-8} PORT=${PORT:-29500} MODELS=${MODELS:-tnl gpt} PEAK_TFLOPS=${PEAK_TFLOPS:-989}
-EXTRA_ARGS=${EXTRA_ARGS:-}
+EXTRA_ARGS=${EXTRA_ARGS:-} GRAD_ACCUM_FUSION=${GRAD_ACCUM_FUSION:-1}
+[[ $GRAD_ACCUM_FUSION =~ ^[01]$ ]] || die "$(printf 'GRAD_ACCUM_FUSION=%q' "$GRAD_ACCUM_FUSION"): expected 0 or 1"
 [[ $GPU =~ ^[0-9]{1,3}$ ]] || die "$(printf 'GPU=%q' "$GPU"): expected one GPU index"
 [[ $GPUS =~ ^[0-9]{1,3},[0-9]{1,3}$ ]] || die "$(printf 'GPUS=%q' "$GPUS"): expected two GPU indices such as 0,1"
 is_int "$ITERS" 4 || die "$(printf 'ITERS=%q' "$ITERS"): expected an integer >= 4 (the first 3 steps are warm-up)"
@@ -66,6 +70,15 @@ for ((i = 0; i < ${#user_args[@]}; i++)); do
 done
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fusion_args=(--no-gradient-accumulation-fusion)
+if (( GRAD_ACCUM_FUSION )); then
+    fusion_args=()
+    # from MEGATRON_LM, as pretrain_gpt.py imports it (a checkout's megatron/ before PYTHONPATH)
+    (cd "$MEGATRON_LM" && "$PYTHON" -c \
+        'from megatron.core.tensor_parallel import layers; raise SystemExit(not layers._grad_accum_fusion_available)') \
+        || die "GRAD_ACCUM_FUSION=1: the Megatron that $PYTHON imports has neither apex nor" \
+               "patches/core_v0.19.0-wgrad-accum-fusion.patch (apply patches/, or set GRAD_ACCUM_FUSION=0)"
+fi
 mkdir -p "$out"
 grep -qs "megatron_tnllm.flops" "$MEGATRON_LM/megatron/training/training.py" \
     || echo "note: the TNL FLOP patch is not applied; the TNL logs show Megatron's softmax FLOPs (summary.md does not)"
@@ -99,7 +112,7 @@ run() {
     "$PYTHON" -m torch.distributed.run --nproc-per-node "$nproc" --master-port "$PORT" "$MEGATRON_LM/pretrain_gpt.py" \
         "${margs[@]}" --seq-length "$seq" --max-position-embeddings "$seq" \
         --micro-batch-size "$mbs" --global-batch-size "$gbs" --train-iters "$ITERS" \
-        --bf16 --no-gradient-accumulation-fusion --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant \
+        --bf16 "${fusion_args[@]}" --lr 1e-4 --min-lr 1e-5 --lr-decay-style constant \
         --mock-data --tokenizer-type NullTokenizer --vocab-size 64000 --split 100,0,0 --eval-iters 0 --eval-interval 1000 \
         --log-interval 1 --log-throughput --use-distributed-optimizer "${user_args[@]}" "$@" > "$log" 2>&1
     echo "   exit $?"

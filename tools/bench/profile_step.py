@@ -5,7 +5,8 @@ The model is Megatron-Core's GPTModel from ``megatron_tnllm.models.build_model``
 DistributedOptimizer (Adam, clipping at 1.0), ``--micro-batches`` micro-batches of MBS x SEQ random tokens per
 step with the loss inside the model, as ``pretrain_gpt.py`` runs them (``--loss``: megatron_tnllm's cross-entropy,
 the launchers' default, which needs patches/ applied to the installed Megatron; Megatron's fused "native" one; or
-Megatron's unfused one). After the timed steps (no profiler),
+Megatron's unfused one; ``--grad-accum-fusion``, the default as in pretrain_gpt.py: weight gradients added into the
+fp32 buffers inside the GEMM, which without apex needs patches/ too). After the timed steps (no profiler),
 one more step is profiled; every GPU kernel is given one category by its name and the operators that launched it:
 
     communication        NCCL kernels (TP all-gathers / reduce-scatters, gradient and norm all-reduces)
@@ -19,7 +20,7 @@ one more step is profiled; every GPU kernel is given one category by its name an
 
     python tools/bench/profile_step.py --out DIR                     # tnl-1b, 1 GPU, MBS 8 x 2048, 8 micro-batches
     torchrun --nproc-per-node 2 tools/bench/profile_step.py --preset tnl-7b --tp 2 --mbs 1 --seq 4096 --out DIR
-    python tools/bench/profile_step.py --smoke --loss megatron --out DIR  # tnl-tiny on CPU: operators, not kernels
+    python tools/bench/profile_step.py --smoke --loss megatron --no-grad-accum-fusion --out DIR  # tnl-tiny, CPU
 
 Writes DIR/profile_<preset>_tp<TP>_rank<R>.json (categories, top kernels, step time, tokens/s, model TFLOP/s)
 and, with --trace, the chrome trace beside it; rank 0 prints the table.
@@ -251,6 +252,17 @@ def check_loss_available(loss: str) -> None:
         )
 
 
+def check_fusion_available(fusion: bool) -> None:
+    """--grad-accum-fusion needs apex or patches/core_v0.19.0-wgrad-accum-fusion.patch in this process's Megatron."""
+    from megatron.core.tensor_parallel import layers
+
+    if fusion and not layers._grad_accum_fusion_available:
+        raise SystemExit(
+            f"--grad-accum-fusion: {layers.__file__} has neither apex nor the wgrad-accum-fusion patch; apply patches/ "
+            "to the installed Megatron (tools/gpu_checks/offline_gpu_setup.sh does) or pass --no-grad-accum-fusion"
+        )
+
+
 def build(args, device: torch.device):
     """(DDP model, Megatron optimizer, TNLConfig) as pretrain_gpt.py builds them with --bf16 and the
     distributed optimizer."""
@@ -259,7 +271,13 @@ def build(args, device: torch.device):
 
     from megatron_tnllm.models import build_model, resolve_config
 
-    overrides = dict(params_dtype=torch.bfloat16, bf16=True, sequence_parallel=args.tp > 1, **LOSS_CONFIG[args.loss])
+    overrides = dict(
+        params_dtype=torch.bfloat16,
+        bf16=True,
+        sequence_parallel=args.tp > 1,
+        gradient_accumulation_fusion=args.grad_accum_fusion,
+        **LOSS_CONFIG[args.loss],
+    )
     if args.smoke:
         overrides["use_cpu_initialization"] = True
     tnl, _ = resolve_config(args.preset)
@@ -315,6 +333,12 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=8, help="per step (the 1b launcher: 512 / 8 GPUs / 8)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps before the profiled one (first is warm-up)")
     parser.add_argument("--loss", choices=tuple(LOSS_CONFIG), default="tnl", help="cross-entropy (default: tnl)")
+    parser.add_argument(
+        "--grad-accum-fusion",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weight gradients added into the fp32 main gradients inside the GEMM (default: on)",
+    )
     parser.add_argument("--trace", action="store_true", help="also keep the chrome trace")
     parser.add_argument("--smoke", action="store_true", help="tnl-tiny on CPU, 2 x 64 tokens, 2 micro-batches")
     args = parser.parse_args()
@@ -327,6 +351,7 @@ def main() -> None:
     from megatron_tnllm.flops import tnl_forward_flops_per_token
 
     check_loss_available(args.loss)
+    check_fusion_available(args.grad_accum_fusion)
     device = init(args)
     rank = dist.get_rank()
     model, optimizer, tnl = build(args, device)
@@ -371,6 +396,7 @@ def main() -> None:
         seq=args.seq,
         micro_batches=args.micro_batches,
         loss=args.loss,
+        grad_accum_fusion=args.grad_accum_fusion,
         optimizer=type(optimizer).__name__,
         step_ms_unprofiled=round(step_ms, 3),
         step_ms_all=[round(t, 3) for t in times],
@@ -382,7 +408,8 @@ def main() -> None:
     if rank == 0:
         print(
             f"{args.preset} TP={args.tp} (world {dist.get_world_size()}), MBS {args.mbs} x {args.seq} x "
-            f"{args.micro_batches} micro-batches, {args.loss} loss: {step_ms:.1f} ms/step unprofiled, "
+            f"{args.micro_batches} micro-batches, {args.loss} loss, gradient-accumulation fusion "
+            f"{'on' if args.grad_accum_fusion else 'off'}: {step_ms:.1f} ms/step unprofiled, "
             f"{result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops_per_gpu']} model TFLOP/s per GPU, "
             f"peak {result['peak_gib']} GiB"
         )

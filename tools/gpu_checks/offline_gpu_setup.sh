@@ -12,7 +12,8 @@
 #       megatron-core==0.19.2 psutil einops fla-core==0.6.0 lightning-attn==0.0.5
 #
 # Installs the wheels into /tmp/site and puts it and this repository on PYTHONPATH, applies patches/ to the checkout
-# (the TNL FLOP count in the training log; the distributed optimizer's resume without Transformer Engine), and
+# (the TNL FLOP count in the training log; the distributed optimizer's resume without Transformer Engine; the
+# one-pass cross-entropy; gradient-accumulation fusion without apex), and
 # makes sure Megatron's C++ dataset helpers can be built there (otherwise it uses the compiled ones of the
 # megatron-core wheel by running pretrain_gpt.py from a folder holding only the checkout's scripts).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -47,6 +48,8 @@ if [[ -d $MEGATRON_LM/megatron ]]; then  # a checkout (not the scripts-only fold
         cp "$MEGATRON_LM/tools/preprocess_data.py" "$scripts/tools/"
         echo "offline_gpu_setup: C++ helpers not buildable here; using the megatron-core wheel with $MEGATRON_LM's scripts"
         export MEGATRON_LM=$scripts
+    else  # every tool imports the patched checkout, as pretrain_gpt.py does from its own folder
+        export PYTHONPATH=$(cd "$MEGATRON_LM" && pwd):$PYTHONPATH
     fi
 fi
 if [[ ! -d $MEGATRON_LM/megatron ]]; then  # scripts only: the wheel's megatron runs them
