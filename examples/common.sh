@@ -96,13 +96,6 @@ fi
 CKPT_DIR=${CKPT_DIR:-runs/$PRESET}
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if (( GRAD_ACCUM_FUSION )); then  # imported from MEGATRON_LM, as pretrain_gpt.py imports it
-    (cd "$MEGATRON_LM" && "$PYTHON" -c \
-        'from megatron.core.tensor_parallel import layers; raise SystemExit(not layers._grad_accum_fusion_available)') \
-        || die "GRAD_ACCUM_FUSION=1: the Megatron in $MEGATRON_LM has neither apex nor" \
-               "patches/core_v0.19.0-wgrad-accum-fusion.patch (apply patches/, or set GRAD_ACCUM_FUSION=0)"
-fi
-
 # From Python, one per line: the padded vocabulary, --min-lr, then the preset's pretrain_gpt.py arguments. The
 # values arrive as argv; the program is a fixed text. It checks what needs the preset or Python before importing
 # torch (through the converter's vocabulary padding), so that a refusal is quick.
@@ -137,6 +130,17 @@ PY
 mapfile -t model_args <<< "$python_out"
 vocab=${model_args[0]} min_lr=${model_args[1]}
 model_args=("${model_args[@]:2}")
+
+# What the run turns on or relies on from patches/, looked up in the Megatron of MEGATRON_LM (python -m finds it
+# there, as pretrain_gpt.py imports it) before anything starts; each can be turned off instead.
+needs=()
+[[ $CROSS_ENTROPY == tnl ]] && needs+=(cross-entropy)                # off: CROSS_ENTROPY=megatron
+(( GRAD_ACCUM_FUSION )) && needs+=(wgrad-accum-fusion)              # off: GRAD_ACCUM_FUSION=0
+(( DISTOPT )) && needs+=(distrib-optimizer-resume)                  # off: DISTOPT=0
+if (( ${#needs[@]} )); then
+    (cd "$MEGATRON_LM" && "$PYTHON" -m megatron_tnllm.megatron_patches "${needs[@]}") >&2 \
+        || die "or run without them: CROSS_ENTROPY=megatron, GRAD_ACCUM_FUSION=0, DISTOPT=0 (as needed above)"
+fi
 
 plan=(--preset "$PRESET" --tp "$TP" --pp "$PP" --vpp "$VPP" --dp "$DP" --cp "$CP" --mbs "$MBS" --gbs "$GBS"
       --seq "$SEQ" --recompute "$RECOMPUTE" --vocab-size "$vocab" --cross-entropy "$CROSS_ENTROPY")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.hf_helpers import train_sentencepiece
+from tests.testing import pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 # Megatron-LM's behaviour as check_faults.sh reads it: one log line per iteration (the second after a start
@@ -48,7 +49,7 @@ for i in range(start + 1, end + 1):
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory) -> dict:
+def standin(tmp_path_factory, patched_megatron) -> dict:
     root = tmp_path_factory.mktemp("faults")
     (root / "Megatron-LM").mkdir()
     (root / "Megatron-LM" / "pretrain_gpt.py").write_text(TRAINER)
@@ -59,7 +60,7 @@ def standin(tmp_path_factory) -> dict:
         (data / f"text_text_document{suffix}").write_bytes(b"")
     return {
         **os.environ, "MEGATRON_LM": str(root / "Megatron-LM"), "DATA_DIR": str(data), "PYTHON": sys.executable,
-        "GRAD_ACCUM_FUSION": "0",  # the installed megatron-core is unpatched
+        "PYTHONPATH": pythonpath(patched_megatron),  # pretrain_gpt.py's Megatron, with patches/ applied
     }  # fmt: skip
 
 

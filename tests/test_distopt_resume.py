@@ -6,8 +6,8 @@ losses, parameters and Adam's step counts must equal the uninterrupted run's, bi
 reduction order). A DP=1 process loading the DP=2 checkpoints and accumulating both micro-batches of a step
 gives the same losses and the parameters to float rounding.
 
-The workers import a copy of the installed megatron package with the distributed-optimizer patch applied (the
-fixture below). Unpatched, loading fails in both formats (assert len(steps) == 1); without the patch's per-parameter
+The workers import a copy of the installed megatron package with patches/ applied (conftest.py's
+patched_megatron). Unpatched, loading fails in both formats (assert len(steps) == 1); without the patch's per-parameter
 step, the resumed losses differ from step 5; without its step handling in _set_main_param_and_optimizer_states,
 dp_reshardable reloads Adam's step as 0 and fully_reshardable raises KeyError 'step'; without its no_grad, the
 dp_reshardable load raises on the fp32 main parameters (views of leaves that require grad).
@@ -15,33 +15,20 @@ dp_reshardable load raises on the fp32 main parameters (views of leaves that req
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
-import megatron
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed import run_distributed
 
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "core_v0.19.0-distrib-optimizer-resume.patch"
 STEPS, SAVE_AT, LR = 6, 3, 1e-2
 # The optimizer formats pretrain_gpt.py writes into a torch_dist checkpoint (megatron/training/checkpointing.py,
 # _build_sharded_state_dict_metadata): dp_reshardable by default, fully_reshardable with
 # --dist-ckpt-optim-fully-reshardable. The other two sharding types of DistributedOptimizer are deprecated and only
 # read from old checkpoints.
 FORMATS = ("dp_reshardable", "fully_reshardable")
-
-
-@pytest.fixture(scope="module")
-def patched_megatron(tmp_path_factory) -> Path:
-    """A folder holding the installed megatron package with the distributed-optimizer patch applied."""
-    root = tmp_path_factory.mktemp("site")
-    shutil.copytree(Path(megatron.__path__[0]), root / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "apply", "--unidiff-zero", str(PATCH)], cwd=root, check=True)
-    return root
 
 
 def _setup(seed: int):

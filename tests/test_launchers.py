@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.hf_helpers import train_sentencepiece
+from tests.testing import pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDER = """import json, os, sys
@@ -43,7 +44,7 @@ if os.environ["RANK"] == "0":
 
 
 @pytest.fixture(scope="module")
-def launch_env(tmp_path_factory):
+def launch_env(tmp_path_factory, patched_megatron):
     root = tmp_path_factory.mktemp("launch")
     megatron = root / "Megatron-LM"
     megatron.mkdir()
@@ -62,7 +63,7 @@ def launch_env(tmp_path_factory):
         "MASTER_PORT": str(port),
         "LAUNCH_RECORD": str(root / "record"),
         "CKPT_DIR": str(root / "ckpt"),
-        "GRAD_ACCUM_FUSION": "0",  # the installed megatron-core is unpatched (the patched case: test_wgrad_accum.py)
+        "PYTHONPATH": pythonpath(patched_megatron),  # pretrain_gpt.py's Megatron, with patches/ applied
     }
     return root, env
 
@@ -106,23 +107,25 @@ def test_7b_launcher_with_context_parallelism(launch_env):
     assert value("--lr") == "3e-4" and value("--min-lr") == "2.9999999999999997e-05"
     assert "--num-virtual-stages-per-pipeline-rank" not in argv  # VPP defaults to 1: no interleaving
     assert value("--cross-entropy-fusion-impl") == "tnl" and "--cross-entropy-loss-fusion" in argv  # CROSS_ENTROPY
-    assert "--no-gradient-accumulation-fusion" in argv  # GRAD_ACCUM_FUSION=0
+    assert "--no-gradient-accumulation-fusion" not in argv  # GRAD_ACCUM_FUSION=1: Megatron's default, fused
 
 
-def test_gradient_accumulation_fusion_needs_apex_or_the_patch(launch_env):
-    """GRAD_ACCUM_FUSION=1, the default, is refused before anything runs where MEGATRON_LM's Megatron cannot fuse
-    (here the installed megatron-core, unpatched unless apex or the patch is there)."""
-    from megatron.core.tensor_parallel import layers
-
+def test_launch_needs_the_patches_it_uses(launch_env):
+    """Against the unpatched megatron-core the launch stops before anything runs, naming each patch that its settings
+    need; turning those settings off (CROSS_ENTROPY=megatron GRAD_ACCUM_FUSION=0 DISTOPT=0) launches, without the
+    fusion."""
     root, env = launch_env
+    unpatched = {**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
     _clear_records(root)
-    done = _launch(env, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1, GRAD_ACCUM_FUSION=1)
-    if layers._grad_accum_fusion_available:
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert "--no-gradient-accumulation-fusion" not in json.loads((root / "record.0.json").read_text())["argv"]
-    else:
-        assert done.returncode == 1 and "patches/core_v0.19.0-wgrad-accum-fusion.patch" in done.stderr
-        assert not _records(root)
+    done = _launch(unpatched, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1)
+    assert done.returncode == 1 and not _records(root), done.stderr[-2000:]
+    for patch in ("tnl-cross-entropy", "wgrad-accum-fusion", "distrib-optimizer-resume"):
+        assert f"patches/core_v0.19.0-{patch}.patch" in done.stderr, done.stderr
+    assert "CROSS_ENTROPY=megatron, GRAD_ACCUM_FUSION=0, DISTOPT=0" in done.stderr
+    done = _launch(unpatched, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1, CROSS_ENTROPY="megatron",
+                   GRAD_ACCUM_FUSION=0, DISTOPT=0)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--no-gradient-accumulation-fusion" in json.loads((root / "record.0.json").read_text())["argv"]
 
 
 def test_megatron_cross_entropy_on_request(launch_env):

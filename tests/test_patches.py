@@ -91,3 +91,40 @@ def test_cross_entropy_patch_offers_tnl_and_computes_its_loss(tmp_path):
     assert loss.shape == (2, 6)
     expected = cross_entropy_torch(logits, labels.t()).t()
     assert torch.allclose(loss, expected, rtol=1e-14, atol=0)
+
+
+def _check_patches(*names: str, path: str | None = None) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": path} if path else dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_tnllm.megatron_patches", *names],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def test_megatron_patches_finds_each_change(patched_megatron):
+    """megatron_tnllm.megatron_patches (the launchers' check): each name's line is one its patch adds to the file it
+    names; every change found in the patched copy; in the installed megatron-core, unpatched, each named with its
+    patch file; an unknown name refused."""
+    from megatron_tnllm.megatron_patches import PATCHES as NAMED
+
+    assert sorted(f for f, *_ in NAMED.values()) == [p.name for p in PATCHES]
+    for file, _, relative, line in NAMED.values():
+        text = (PATCHES[0].parent / file).read_text()
+        added = text.split(f"+++ b/megatron/{relative}\n", 1)[1].split("diff --git", 1)[0]
+        assert any(line in x for x in added.splitlines() if x.startswith("+")), (file, line)
+    done = _check_patches(*NAMED, path=str(patched_megatron))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not any("megatron-tnllm" in (MEGATRON.parent / f).read_text() for f in patched_files())  # unpatched
+    done = _check_patches(*NAMED)
+    assert done.returncode == 1
+    for file, *_ in NAMED.values():
+        assert f"patches/{file}" in done.stdout, done.stdout
+    assert _check_patches("apex").returncode == 2
+
+
+def patched_files() -> set[str]:
+    """The files of megatron that patches/ change, relative to the site folder."""
+    return {line[len("+++ b/") :] for p in PATCHES for line in p.read_text().splitlines() if line.startswith("+++ b/")}

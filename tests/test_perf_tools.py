@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.testing import pythonpath
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "bench"
 
 
@@ -71,6 +73,12 @@ def test_profile_attributes_kernels_by_launching_operators():
     assert result["categories"]["gemm"]["percent"] == pytest.approx(100 * 100 / 340, abs=0.01)
 
 
+@pytest.fixture
+def patched(patched_megatron) -> dict:
+    """The environment that makes bench_training.sh's Megatron the patched one."""
+    return {"PYTHONPATH": pythonpath(patched_megatron)}
+
+
 def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProcess:
     megatron = tmp_path / "megatron"
     megatron.mkdir(exist_ok=True)
@@ -85,8 +93,7 @@ def _bench_training(tmp_path, env: dict, *args: str) -> subprocess.CompletedProc
         "throughput per GPU (TFLOP/s/GPU): 400.0 | global batch size: {gbs:5d} | lm loss: 1.0E+01 |')\n"
         "    print('memory (MB) | allocated: 1 | max allocated: 46080.0 | reserved: 1')\n"
     )
-    full = {**os.environ, "MEGATRON_LM": str(megatron), "PYTHON": sys.executable, "PORT": "29761",
-            "GRAD_ACCUM_FUSION": "0", **env}  # fmt: skip
+    full = {**os.environ, "MEGATRON_LM": str(megatron), "PYTHON": sys.executable, "PORT": "29761", **env}
     return subprocess.run(
         ["bash", str(TOOLS / "bench_training.sh"), str(tmp_path / "out"), *args],
         env=full,
@@ -121,28 +128,28 @@ def test_bench_training_takes_values_not_code(tmp_path, monkeypatch, env, args, 
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
-def test_bench_training_summary(tmp_path):
+def test_bench_training_summary(tmp_path, patched):
     """One tnl-1b run at 2048 against the stand-in: 64k tokens per step in 1 s, TNL's own FLOPs per token."""
-    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "5"}, "2048")
+    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "5", **patched}, "2048")
     assert done.returncode == 0, done.stderr
     rows = (tmp_path / "out" / "summary.md").read_text().splitlines()
     # 3 x 2,062,680,064 FLOP per token (megatron_tnllm.flops, LRPE on layer 0) x 65,536 tokens in 1 s:
     # 405.5 TFLOP/s, 41.0% of 989; 46080 MiB
     assert rows[2] == "| tnl | 2048 | 1 | 1000.0 | 65,536 | 406 | 41.0% | 45.0 |"
+    assert "--no-gradient-accumulation-fusion" not in (tmp_path / "out" / "tnl_2048.log").read_text()  # fused
+
+
+def test_bench_training_needs_the_patches_it_uses(tmp_path):
+    """Against the unpatched megatron-core, GRAD_ACCUM_FUSION=1 (the default) and megatron_tnllm's loss stop the
+    script before any run, naming both patches; GRAD_ACCUM_FUSION=0 runs unfused."""
+    env = {"MODELS": "tnl", "ITERS": "4", "EXTRA_ARGS": "--cross-entropy-loss-fusion --cross-entropy-fusion-impl tnl"}
+    done = _bench_training(tmp_path, env, "2048")
+    assert done.returncode == 1 and not (tmp_path / "out").exists(), done.stderr
+    for patch in ("wgrad-accum-fusion", "tnl-cross-entropy"):
+        assert f"patches/core_v0.19.0-{patch}.patch" in done.stderr
+    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "4", "GRAD_ACCUM_FUSION": "0"}, "2048")
+    assert done.returncode == 0, done.stderr
     assert "--no-gradient-accumulation-fusion" in (tmp_path / "out" / "tnl_2048.log").read_text()
-
-
-def test_bench_training_fusion_needs_apex_or_the_patch(tmp_path):
-    """GRAD_ACCUM_FUSION=1 (the default) runs only where the Megatron that PYTHON imports can fuse; the installed
-    one here is checked both ways (tests/test_wgrad_accum.py runs it against the patched copy)."""
-    from megatron.core.tensor_parallel import layers
-
-    done = _bench_training(tmp_path, {"MODELS": "tnl", "ITERS": "4", "GRAD_ACCUM_FUSION": "1"}, "2048")
-    if layers._grad_accum_fusion_available:
-        assert done.returncode == 0, done.stderr
-    else:
-        assert done.returncode == 1 and "patches/core_v0.19.0-wgrad-accum-fusion.patch" in done.stderr
-        assert not (tmp_path / "out").exists()
 
 
 def _hybrid_flops_per_token(seq: int) -> int:
@@ -152,10 +159,10 @@ def _hybrid_flops_per_token(seq: int) -> int:
     return 2_062_680_064 + 2 * (2 * seq * D - 2 * D * D - (2 * 64 * D + 4 * D * 128))
 
 
-def test_bench_training_hybrid_and_context_parallel_runs(tmp_path):
+def test_bench_training_hybrid_and_context_parallel_runs(tmp_path, patched):
     """hybrid on one GPU (micro-batch 2 x 8192, 8 of them) and tnlcp2 / hybridcp2 on two (micro-batch 1, 16 of
     them: 64k tokens per GPU) against the stand-in, with EXTRA_ARGS; their FLOPs count the softmax layers."""
-    env = {"MODELS": "hybrid tnlcp2 hybridcp2", "ITERS": "4", "EXTRA_ARGS": "--cross-entropy-loss-fusion"}
+    env = {"MODELS": "hybrid tnlcp2 hybridcp2", "ITERS": "4", "EXTRA_ARGS": "--cross-entropy-loss-fusion", **patched}
     done = _bench_training(tmp_path, env, "8192")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"

@@ -4,20 +4,15 @@ unfused path (tnl-tiny at TP=2 + sequence parallel, Megatron DDP, two micro-batc
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import megatron
 import pytest
 import torch
 
 from megatron_tnllm.ops import wgrad_accum
 from tests.distributed import run_distributed
-from tests.test_launchers import launch_env  # noqa: F401  (the launchers' stand-in Megatron-LM, a fixture)
 from tests.testing import rel_err
-
-PATCH = Path(__file__).resolve().parents[1] / "patches" / "core_v0.19.0-wgrad-accum-fusion.patch"
 
 
 def operands(t: int, n: int, k: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> tuple:
@@ -91,15 +86,6 @@ def test_cuda_fp32_accumulation_matches_oracle(dtype):
     assert rel_err(main, want + dy.double().t() @ x.double()) < 5e-5
 
 
-@pytest.fixture(scope="module")
-def patched_megatron(tmp_path_factory) -> Path:
-    """A folder holding the installed megatron package with the gradient-accumulation-fusion patch applied."""
-    root = tmp_path_factory.mktemp("site")
-    shutil.copytree(Path(megatron.__path__[0]), root / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "apply", "--unidiff-zero", str(PATCH)], cwd=root, check=True)
-    return root
-
-
 def _main_grads(fusion: bool) -> dict[str, torch.Tensor]:
     """Main gradients of tnl-tiny after two micro-batches (Megatron DDP, fp32 buffers), with or without fusion."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -144,34 +130,6 @@ def test_patched_layers_give_the_unfused_main_grads(patched_megatron, monkeypatc
             assert err < 1e-6, f"rank {rank} {name}: fused main_grad off by {err:.1e}"
             checked += 1
         assert checked >= 10, checked
-
-
-def test_bench_training_fuses_with_the_patch(patched_megatron, tmp_path, monkeypatch):
-    """tools/bench/bench_training.sh's default GRAD_ACCUM_FUSION=1 against the patched Megatron: the runs keep
-    Megatron's default (no --no-gradient-accumulation-fusion)."""
-    from tests.test_perf_tools import _bench_training
-
-    monkeypatch.setenv("PYTHONPATH", f"{patched_megatron}:{Path(__file__).resolve().parents[1]}")
-    done = _bench_training(tmp_path, {"MODELS": "tnl gpt", "ITERS": "4", "GRAD_ACCUM_FUSION": "1"}, "2048")
-    assert done.returncode == 0, done.stderr
-    for model in ("tnl", "gpt"):
-        argv = (tmp_path / "out" / f"{model}_2048.log").read_text()
-        assert "argv:" in argv and "--no-gradient-accumulation-fusion" not in argv
-
-
-def test_launcher_fuses_with_the_patch(patched_megatron, launch_env):  # noqa: F811 (the imported fixture)
-    """examples/'s default GRAD_ACCUM_FUSION=1 against the patched Megatron: the launch keeps Megatron's default."""
-    import json
-
-    from tests.test_launchers import _clear_records, _launch
-
-    root, env = launch_env
-    _clear_records(root)
-    env = {**env, "PYTHONPATH": f"{patched_megatron}:{Path(__file__).resolve().parents[1]}"}
-    done = _launch(env, "pretrain_tnl_385m.sh", GPUS_PER_NODE=1, MOCK_DATA=1, GRAD_ACCUM_FUSION=1)
-    assert done.returncode == 0, done.stderr[-2000:]
-    argv = json.loads((root / "record.0.json").read_text())["argv"]
-    assert "--bf16" in argv and "--no-gradient-accumulation-fusion" not in argv
 
 
 def test_bench_wgrad_smoke(tmp_path):

@@ -20,3 +20,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def alibi(num_heads: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """TNL's ALiBi slopes of ``num_heads`` heads [H] (:func:`megatron_tnllm.ops.decay.alibi_slopes`)."""
     return torch.tensor(alibi_slopes(num_heads), dtype=dtype, device=device)
+
+
+def pythonpath(*folders) -> str:
+    """A PYTHONPATH with ``folders`` first, then the current one's entries (for subprocesses)."""
+    import os
+
+    return os.pathsep.join([*map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])

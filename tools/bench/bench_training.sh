@@ -70,14 +70,12 @@ for ((i = 0; i < ${#user_args[@]}; i++)); do
 done
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-fusion_args=(--no-gradient-accumulation-fusion)
-if (( GRAD_ACCUM_FUSION )); then
-    fusion_args=()
-    # from MEGATRON_LM, as pretrain_gpt.py imports it (a checkout's megatron/ before PYTHONPATH)
-    (cd "$MEGATRON_LM" && "$PYTHON" -c \
-        'from megatron.core.tensor_parallel import layers; raise SystemExit(not layers._grad_accum_fusion_available)') \
-        || die "GRAD_ACCUM_FUSION=1: the Megatron that $PYTHON imports has neither apex nor" \
-               "patches/core_v0.19.0-wgrad-accum-fusion.patch (apply patches/, or set GRAD_ACCUM_FUSION=0)"
+fusion_args=(--no-gradient-accumulation-fusion) needs=()
+(( GRAD_ACCUM_FUSION )) && fusion_args=() needs+=(wgrad-accum-fusion)
+[[ " ${user_args[*]} " == *" --cross-entropy-fusion-impl tnl "* ]] && needs+=(cross-entropy)
+if (( ${#needs[@]} )); then  # looked up in the Megatron of MEGATRON_LM, which pretrain_gpt.py imports
+    (cd "$MEGATRON_LM" && "$PYTHON" -m megatron_tnllm.megatron_patches "${needs[@]}") >&2 \
+        || die "or run without them: GRAD_ACCUM_FUSION=0, no --cross-entropy-fusion-impl tnl (as needed above)"
 fi
 mkdir -p "$out"
 grep -qs "megatron_tnllm.flops" "$MEGATRON_LM/megatron/training/training.py" \

@@ -236,30 +236,18 @@ def init(args) -> torch.device:
     return device
 
 
-def check_loss_available(loss: str) -> None:
-    """--loss tnl needs patches/core_v0.19.0-tnl-cross-entropy.patch in the Megatron that this process imports
-    (unpatched, its loss function would not know the name)."""
-    if loss != "tnl":
-        return
-    import inspect
+def check_patches(args) -> None:
+    """--loss tnl and --grad-accum-fusion need their patches (or apex) in the Megatron this process imports."""
+    from megatron_tnllm.megatron_patches import describe, missing
 
-    from megatron.core.models.common.language_module import language_module
-
-    if "megatron_tnllm" not in inspect.getsource(language_module.LanguageModule.compute_language_model_loss):
+    needs = (["cross-entropy"] if args.loss == "tnl" else []) + (
+        ["wgrad-accum-fusion"] if args.grad_accum_fusion else []
+    )
+    lacking = missing(needs)
+    if lacking:
         raise SystemExit(
-            f"--loss tnl: {language_module.__file__} is not patched; apply patches/ to the installed Megatron "
-            "(tools/gpu_checks/offline_gpu_setup.sh does) or pass --loss native / megatron"
-        )
-
-
-def check_fusion_available(fusion: bool) -> None:
-    """--grad-accum-fusion needs apex or patches/core_v0.19.0-wgrad-accum-fusion.patch in this process's Megatron."""
-    from megatron.core.tensor_parallel import layers
-
-    if fusion and not layers._grad_accum_fusion_available:
-        raise SystemExit(
-            f"--grad-accum-fusion: {layers.__file__} has neither apex nor the wgrad-accum-fusion patch; apply patches/ "
-            "to the installed Megatron (tools/gpu_checks/offline_gpu_setup.sh does) or pass --no-grad-accum-fusion"
+            f"the installed Megatron lacks:\n{describe(lacking)}\napply patches/ to it "
+            "(tools/gpu_checks/offline_gpu_setup.sh does), or pass --loss native / --no-grad-accum-fusion"
         )
 
 
@@ -350,8 +338,7 @@ def main() -> None:
 
     from megatron_tnllm.flops import tnl_forward_flops_per_token
 
-    check_loss_available(args.loss)
-    check_fusion_available(args.grad_accum_fusion)
+    check_patches(args)
     device = init(args)
     rank = dist.get_rank()
     model, optimizer, tnl = build(args, device)
