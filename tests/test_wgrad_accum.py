@@ -4,7 +4,9 @@ unfused path (tnl-tiny at TP=2 + sequence parallel, Megatron DDP, two micro-batc
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,9 +136,6 @@ def test_patched_layers_give_the_unfused_main_grads(patched_megatron, monkeypatc
 
 def test_bench_wgrad_smoke(tmp_path):
     """tools/bench/bench_wgrad.py on the CPU (tnl-tiny's weights): every case timed, both errors at fp32 level."""
-    import json
-    import sys
-
     bench = Path(__file__).resolve().parents[1] / "tools" / "bench"
     done = subprocess.run(
         [sys.executable, str(bench / "bench_wgrad.py"), "--smoke", "--out", str(tmp_path)],

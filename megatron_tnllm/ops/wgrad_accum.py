@@ -20,9 +20,8 @@ __all__ = ["wgrad_accum_reference", "wgrad_gemm_accum_fp16", "wgrad_gemm_accum_f
 
 
 def wgrad_accum_reference(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """``main_grad += grad_output^T @ input``, the product in fp32 (fp64 for fp64 buffers), then added."""
-    dtype = torch.float64 if main_grad.dtype == torch.float64 else torch.float32
-    main_grad.add_((grad_output.t().to(dtype) @ input.to(dtype)).to(main_grad.dtype))
+    """``main_grad += grad_output^T @ input``, the product in fp32, then added."""
+    main_grad.add_((grad_output.t().float() @ input.float()).to(main_grad.dtype))
 
 
 def _check(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor, dtypes: tuple) -> None:
