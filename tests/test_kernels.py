@@ -198,20 +198,25 @@ def test_megatron_fused_views(s, b, H, D, dtype, kind):
     ),
 )
 def test_non_finite_input_stays_causal(name, bad, t, dtype):
-    """A NaN / inf at t (mid-chunk, several segments) reaches no output that does not depend on t, fwd and bwd."""
+    """A NaN / inf at t (mid-chunk, several segments) reaches no output that does not depend on t, fwd and bwd
+    (the sweeps flag the segments whose state comes out non-finite; a second launch re-runs them causally).
+    Segments combined in the sweeps and by the two extra launches."""
     from tests.test_ops_nan_causal import check_nan_stays_causal
 
     if INTERPRET:  # two segments of the interpreter's 16-token chunks
         shape, tol = dict(B=1, T=70, H=2, D=16), TOL[dtype]
         assert chunk_mod.plan_segments(2, 70, 1, False, torch.device("cpu"))[0] == 2
+        base = chunk_mod.CONFIG
     else:  # four segments of 64 tokens
         shape, tol = dict(B=2, T=300, H=2, D=64), TOL[dtype] * 2
-        chunk_mod.CONFIG = chunk_mod.KernelConfig(min_seg=64)
+        base = chunk_mod.KernelConfig(min_seg=64)
 
     def fn(q, k, v, s):
         return lightning_attention(q, k, v, s, backend="triton")[0]
 
-    check_nan_stays_causal(fn, name, float(bad), dtype, tol, device=DEVICE, t=t, **shape)
+    for fused in (True, False):
+        chunk_mod.CONFIG = chunk_mod.KernelConfig(**{**vars(base), "fused_segments": fused})
+        check_nan_stays_causal(fn, name, float(bad), dtype, tol, device=DEVICE, t=t, **shape)
 
 
 @pytest.mark.parametrize(
@@ -391,7 +396,7 @@ def test_segment_states_in_kernel_or_in_two_launches(fused):
     q, k, v = (randn(2, 90, 2, 16, gen=g) for _ in range(3))
     h0 = randn(2, 2, 16, 16, gen=g)
     assert chunk_mod.plan_segments(4, 90, 1, False, torch.device("cpu"))[0] == 3
-    sync, _ = chunk_mod._sync_buffers(torch.device("cpu"), 1)
+    sync, _, _ = chunk_mod._sync_buffers(torch.device("cpu"), 1)
     epoch = int(sync[2])
     check(q, k, v, slopes("mixed", 2), h0)
     assert sync[:2].tolist() == [0, 0]

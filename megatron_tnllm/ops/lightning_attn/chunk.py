@@ -7,9 +7,12 @@ Math (per head, lambda = exp(-slope), g = log2(lambda) <= 0, chunk of n <= BT to
 
 Only powers >= 0 of lambda are ever formed (exp2 of g times a count >= 0): slopes from 0 to 8 per token
 underflow to 0 cleanly instead of overflowing. Causal masks are selects (``tl.where``), never products with a
-0/1 mask. A segment whose state comes out non-finite runs again with ``_tri_product``'s SAFE form (the value
-operand of the masked intra-chunk product zeroed where non-finite, NaN put back inside each row's triangle):
-a NaN / inf at position t reaches only the rows that depend on t (o and dq at >= t, dk and dv at <= t).
+0/1 mask. A segment whose state comes out non-finite raises a fix flag, and a second launch of the same
+kernel (``RERUN``: one program, which finds no flag in the common case) runs it again with ``_tri_product``'s
+SAFE form (the value operand of the masked intra-chunk product zeroed where non-finite, NaN put back inside each
+row's triangle): a NaN / inf at position t reaches only the rows that depend on t (o and dq at >= t, dk and dv
+at <= t). The re-run has a launch of its own because its code in the sweep costs the sweep registers even when
+it never runs (docs/kernels.md §5, v4.3).
 
 Kernels (one job each):
 
@@ -51,6 +54,8 @@ from megatron_tnllm.ops.backend import check_triton_device, poison, sm_count
 __all__ = ["KernelConfig", "CONFIG", "chunk_lightning_attention", "plan_segments"]
 
 LOG2E = 1.4426950408889634
+# the re-run programs scan the fix flags this many at a time
+FIX_BLOCK = tl.constexpr(1024)
 
 
 @dataclass
@@ -190,10 +195,12 @@ def _publish(ws, flags, slot, b_w, epoch, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _collect(ws, flags, slot, epoch, BR: tl.constexpr, BC: tl.constexpr):
-    """Waits for flags[slot] of this launch and reads ws[slot] (past L1: another SM wrote it)."""
-    while tl.atomic_add(flags + slot, 0, sem="acquire", scope="gpu") != epoch + 1:
-        pass
+def _collect(ws, flags, slot, epoch, BR: tl.constexpr, BC: tl.constexpr, WAIT: tl.constexpr):
+    """Waits for flags[slot] of this launch and reads ws[slot] (past L1: another SM wrote it). Not WAIT: the
+    re-run launch, which follows the launch that wrote every slot."""
+    if WAIT:
+        while tl.atomic_add(flags + slot, 0, sem="acquire", scope="gpu") != epoch + 1:
+            pass
     o_r = tl.arange(0, BR)
     o_c = tl.arange(0, BC)
     return tl.load(ws + slot.to(tl.int64) * (BR * BC) + o_r[:, None] * BC + o_c[None, :], cache_modifier=".cg")
@@ -231,7 +238,7 @@ def _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, col0,
 @triton.jit
 def _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
                   o_k, o_v, m_k, m_v, BR: tl.constexpr, BC: tl.constexpr, HAS_S_IN: tl.constexpr,
-                  COMBINE: tl.constexpr):  # fmt: skip
+                  COMBINE: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
     """The state entering segment i_s: s_in's (per segment, or h0), or COMBINE: lambda^(i_s seg_len) h0 +
     sum_{j < i_s} lambda^((i_s-1-j) seg_len) W_j over the published contributions (Horner)."""
     b_s = tl.zeros([BR, BC], dtype=tl.float32)
@@ -241,7 +248,7 @@ def _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch,
     if COMBINE:
         d_seg = tl.exp2(g * seg_len.to(tl.float32))
         for j in range(0, i_s):
-            b_s = b_s * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC)
+            b_s = b_s * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC, WAIT)
     return b_s
 
 
@@ -268,10 +275,10 @@ def _fwd_chunk(q, k, v, o, b_s, t0, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_
     return b_s * tl.exp2(g * n) + tl.dot(tl.trans(b_kd), b_v, input_precision=PREC)
 
 
-@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles"])
-def _fwd_sweep_kernel(
-    q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync,
-    T, H, NH, seg_len, n_seg, n_tiles,
+@triton.jit
+def _fwd_segment(
+    q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, fix, i_v, i_s, i_nh, epoch,
+    T, H, seg_len, n_seg, n_tiles,
     s_qb, s_qt, s_qh, s_qd,
     s_kb, s_kt, s_kh, s_kd,
     s_vb, s_vt, s_vh, s_vd,
@@ -280,19 +287,12 @@ def _fwd_sweep_kernel(
     so_n, so_h, so_r, so_c,
     R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
-    COMBINE: tl.constexpr, STORE_SEG: tl.constexpr,
+    COMBINE: tl.constexpr, STORE_SEG: tl.constexpr, SAFE: tl.constexpr,
 ):  # fmt: skip
-    """n_tiles * n_seg * NH programs (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C]
-    (the state entering each segment; or h0 [N, H, R, C], read with segment stride 0); s_out [N, H, R, C].
-
-    COMBINE: the segments' entering states are formed here: each program computes its segment's own
-    contribution, publishes it (ws [N*H*n_tiles, n_seg, BR, BC] fp32, flags), and adds up its predecessors'
-    (s_in then holds h0); STORE_SEG saves each entering state to s_seg [N, H, n_seg, R, C] for the backward.
-    """
-    if COMBINE:
-        i_v, i_s, i_nh, epoch = _claim(sync, n_tiles, NH, n_seg, False)
-    else:
-        i_v, i_s, i_nh, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+    """Segment i_s of (sequence, head) i_nh, column tile i_v. The sweep (not SAFE) publishes the segment's own
+    contribution, waits for its predecessors', writes o (and the saved and final states) and raises
+    fix[slot] when its state comes out non-finite. The re-run (SAFE) writes o again with the causal
+    intra-chunk product, from the contributions the sweep left in ws."""
     i_n, i_h = i_nh // H, i_nh % H
     seq_len = _seq_len(cu_seqlens, i_n, T, VARLEN)
     q = _seq_start(q, cu_seqlens, i_n, i_h, s_qb, s_qt, s_qh, VARLEN)
@@ -312,16 +312,19 @@ def _fwd_sweep_kernel(
     # decays as exp2(g * count), count >= 0 only
     g = tl.load(g2 + i_h).to(tl.float32)
     key = i_nh * n_tiles + i_v
-    if COMBINE:
-        if i_s < n_seg - 1:
-            b_w = _local_state(k, v, g, t_lo, t_hi, s_kt, s_kd, s_vt, s_vd, i_v * BC, R, C, BR, BC, BT, False, PREC)
-            _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
+    if not SAFE:
+        if COMBINE:
+            if i_s < n_seg - 1:
+                b_w = _local_state(k, v, g, t_lo, t_hi, s_kt, s_kd, s_vt, s_vd, i_v * BC, R, C, BR, BC, BT, False,
+                                   PREC)  # fmt: skip
+                _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
 
     b_s = _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
-                        o_k, o_v, m_k, m_v, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
-    if STORE_SEG:
-        p_sg = s_seg + (i_nh.to(tl.int64) * n_seg + i_s) * (R * C)
-        tl.store(p_sg + o_k[:, None] * C + o_v[None, :], b_s, mask=m_k[:, None] & m_v[None, :])
+                        o_k, o_v, m_k, m_v, BR, BC, HAS_S_IN, COMBINE, not SAFE)  # fmt: skip
+    if not SAFE:
+        if STORE_SEG:
+            p_sg = s_seg + (i_nh.to(tl.int64) * n_seg + i_s) * (R * C)
+            tl.store(p_sg + o_k[:, None] * C + o_v[None, :], b_s, mask=m_k[:, None] & m_v[None, :])
 
     o_f = o_t.to(tl.float32)
     d_q = tl.exp2(g * (o_f + 1.0))
@@ -332,27 +335,78 @@ def _fwd_sweep_kernel(
     n_chunks = tl.cdiv(t_hi - t_lo, BT)
     for m in range(0, n_chunks):
         b_s = _fwd_chunk(q, k, v, o, b_s, t_lo + m * BT, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_ot, s_od,
-                         i_v * BC, g, o_f, d_q, d_a, R, C, BR, BC, BT, PREC, False)  # fmt: skip
+                         i_v * BC, g, o_f, d_q, d_a, R, C, BR, BC, BT, PREC, SAFE)  # fmt: skip
 
-    if STORE_S_OUT:
-        if i_s == n_seg - 1:
-            p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_k[:, None] * so_r + o_v[None, :] * so_c
-            tl.store(p_so, b_s.to(s_out.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
-    # a non-finite input in this segment (its state shows it): run the segment again, causally (rare)
-    if tl.sum(_nonfinite(b_s)) > 0:
-        b_s = _fwd_entering(s_in, ws, flags, g, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
-                            o_k, o_v, m_k, m_v, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
-        for m in range(0, n_chunks):
-            b_s = _fwd_chunk(q, k, v, o, b_s, t_lo + m * BT, t_hi, s_qt, s_qd, s_kt, s_kd, s_vt, s_vd, s_ot, s_od,
-                             i_v * BC, g, o_f, d_q, d_a, R, C, BR, BC, BT, PREC, True)  # fmt: skip
-    if COMBINE:
-        _finish(sync, n_tiles * NH * n_seg)
+    if not SAFE:
+        if STORE_S_OUT:
+            if i_s == n_seg - 1:
+                p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_k[:, None] * so_r + o_v[None, :] * so_c
+                tl.store(p_so, b_s.to(s_out.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+        # a non-finite input in this segment (its state shows it): the re-run launch repeats it causally
+        if tl.sum(_nonfinite(b_s)) > 0:
+            tl.store(fix + key * n_seg + i_s, 1)
+
+
+@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles"])
+def _fwd_sweep_kernel(
+    q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync, fix,
+    T, H, NH, seg_len, n_seg, n_tiles,
+    s_qb, s_qt, s_qh, s_qd,
+    s_kb, s_kt, s_kh, s_kd,
+    s_vb, s_vt, s_vh, s_vd,
+    s_ob, s_ot, s_oh, s_od,
+    si_n, si_h, si_s, si_r, si_c,
+    so_n, so_h, so_r, so_c,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+    HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    COMBINE: tl.constexpr, STORE_SEG: tl.constexpr, RERUN: tl.constexpr,
+):  # fmt: skip
+    """n_tiles * n_seg * NH programs (C tiles, segments, N*H). q, k [.., R]; v, o [.., C]; s_in [N, H, n_seg, R, C]
+    (the state entering each segment; or h0 [N, H, R, C], read with segment stride 0); s_out [N, H, R, C].
+
+    COMBINE: the segments' entering states are formed here: each program computes its segment's own
+    contribution, publishes it (ws [N*H*n_tiles, n_seg, BR, BC] fp32, flags), and adds up its predecessors'
+    (s_in then holds h0); STORE_SEG saves each entering state to s_seg [N, H, n_seg, R, C] for the backward.
+    RERUN: one program that, after the sweep, repeats with the causal product every segment whose fix flag
+    [N*H*n_tiles, n_seg] the sweep raised (rare: a non-finite input), and lowers the flag. Keeping that path out
+    of the sweep's code keeps its registers (docs/kernels.md, v4.3).
+    """
+    if RERUN:
+        n_slots = NH * n_tiles * n_seg
+        for base in range(0, n_slots, FIX_BLOCK):
+            o_fx = base + tl.arange(0, FIX_BLOCK)
+            if tl.max(tl.load(fix + o_fx, mask=o_fx < n_slots, other=0)) > 0:
+                for slot in range(base, tl.minimum(base + FIX_BLOCK, n_slots)):
+                    if tl.load(fix + slot) > 0:
+                        tl.store(fix + slot, 0)
+                        key = slot // n_seg
+                        _fwd_segment(
+                            q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, fix,
+                            key % n_tiles, slot % n_seg, key // n_tiles, 0, T, H, seg_len, n_seg, n_tiles,
+                            s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
+                            s_ob, s_ot, s_oh, s_od, si_n, si_h, si_s, si_r, si_c, so_n, so_h, so_r, so_c,
+                            R, C, BR, BC, BT, HAS_S_IN, STORE_S_OUT, VARLEN, PREC, COMBINE, STORE_SEG, True,
+                        )  # fmt: skip
+    else:
+        if COMBINE:
+            i_v, i_s, i_nh, epoch = _claim(sync, n_tiles, NH, n_seg, False)
+        else:
+            i_v, i_s, i_nh, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+        _fwd_segment(
+            q, k, v, o, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, fix, i_v, i_s, i_nh, epoch,
+            T, H, seg_len, n_seg, n_tiles,
+            s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
+            s_ob, s_ot, s_oh, s_od, si_n, si_h, si_s, si_r, si_c, so_n, so_h, so_r, so_c,
+            R, C, BR, BC, BT, HAS_S_IN, STORE_S_OUT, VARLEN, PREC, COMBINE, STORE_SEG, False,
+        )  # fmt: skip
+        if COMBINE:
+            _finish(sync, n_tiles * NH * n_seg)
 
 
 @triton.jit
 def _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r, si_c,
                   o_a, o_c, m_a, m_c, BR: tl.constexpr, BC: tl.constexpr, HAS_S_IN: tl.constexpr,
-                  COMBINE: tl.constexpr):  # fmt: skip
+                  COMBINE: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
     """G at segment i_s's end: s_in's (per segment, or dht), or COMBINE: dht and every later segment's
     published contribution, decayed (Horner from the last segment)."""
     b_g = tl.zeros([BR, BC], dtype=tl.float32)
@@ -363,7 +417,7 @@ def _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epo
         for jj in range(0, n_seg - 1 - i_s):
             j = n_seg - 1 - jj
             d_seg = tl.exp2(g * tl.minimum(seg_len, T - j * seg_len).to(tl.float32))
-            b_g = b_g * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC)
+            b_g = b_g * d_seg + _collect(ws, flags, key * n_seg + j, epoch, BR, BC, WAIT)
     return b_g
 
 
@@ -389,30 +443,21 @@ def _rev_chunk(a, b, c, y, b_g, t0, t_hi, s_at, s_ad, s_bt, s_bd, s_ct, s_cd, s_
     return b_g * tl.exp2(g * n) + tl.dot(tl.trans(b_ad), b_c, input_precision=PREC)
 
 
-@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles", "si0_n", "si0_h", "si0_s", "si0_r",
-                               "si0_c", "si1_n", "si1_h", "si1_s", "si1_r", "si1_c"])  # fmt: skip
-def _rev_sweep_kernel(
-    a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, sync,
+@triton.jit
+def _rev_segment(
+    a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, fix, i_c, i_s, i_row, epoch,
     T, H, NH, seg_len, n_seg, n_tiles,
     s_a0b, s_a0t, s_a0h, s_a0d, s_b0b, s_b0t, s_b0h, s_b0d, s_c0b, s_c0t, s_c0h, s_c0d, s_y0b, s_y0t, s_y0h, s_y0d,
     s_a1b, s_a1t, s_a1h, s_a1d, s_b1b, s_b1t, s_b1h, s_b1d, s_c1b, s_c1t, s_c1h, s_c1d, s_y1b, s_y1t, s_y1h, s_y1d,
     si0_n, si0_h, si0_s, si0_r, si0_c,
     si1_n, si1_h, si1_s, si1_r, si1_c,
     so_n, so_h, so_r, so_c,
-    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, ROLES: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
     HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
-    COMBINE: tl.constexpr,
+    COMBINE: tl.constexpr, SAFE: tl.constexpr,
 ):  # fmt: skip
-    """n_tiles * n_seg * ROLES*NH programs (C tiles, segments, role-major N*H). Role r reads (a_r, b_r, c_r) and
-    writes y_r: a, b [.., R]; c, y [.., C] (dV is role 0: (Q, K, dO); dK role 1: (dO, V, Q), when Dk = Dv both
-    run in one launch). G: s_in [N, H, n_seg, R, C] with role r's strides si_r is the gradient of the state at
-    each segment's end (one segment, or COMBINE: dht [N, H, R, C], segment stride 0); s_out [N, H, R, C]
-    receives role 0's G before the first token (dh0). COMBINE: as in ``_fwd_sweep_kernel``, backwards.
-    """
-    if COMBINE:
-        i_c, i_s, i_row, epoch = _claim(sync, n_tiles, NH * ROLES, n_seg, True)
-    else:
-        i_c, i_s, i_row, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+    """Segment i_s of row i_row (role-major N*H), column tile i_c: the sweep (not SAFE) or its causal re-run
+    (SAFE), as ``_fwd_segment``, backwards."""
     role = i_row // NH
     i_nh = i_row % NH
     if role == 0:
@@ -446,13 +491,15 @@ def _rev_sweep_kernel(
 
     g = tl.load(g2 + i_h).to(tl.float32)
     key = i_row * n_tiles + i_c
-    if COMBINE:
-        if i_s > 0:
-            b_w = _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, i_c * BC, R, C, BR, BC, BT, True, PREC)
-            _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
+    if not SAFE:
+        if COMBINE:
+            if i_s > 0:
+                b_w = _local_state(a, c, g, t_lo, t_hi, s_at, s_ad, s_ct, s_cd, i_c * BC, R, C, BR, BC, BT, True,
+                                   PREC)  # fmt: skip
+                _publish(ws, flags, key * n_seg + i_s, b_w, epoch, BR, BC)
 
     b_g = _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s, si_r,
-                        si_c, o_a, o_c, m_a, m_c, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
+                        si_c, o_a, o_c, m_a, m_c, BR, BC, HAS_S_IN, COMBINE, not SAFE)  # fmt: skip
 
     o_f = o_t.to(tl.float32)
     d_a = tl.exp2(g * (o_f + 1.0))
@@ -462,22 +509,76 @@ def _rev_sweep_kernel(
 
     for m in range(0, n_chunks):
         b_g = _rev_chunk(a, b, c, y, b_g, t_lo + (n_chunks - 1 - m) * BT, t_hi, s_at, s_ad, s_bt, s_bd, s_ct, s_cd,
-                         s_yt, s_yd, i_c * BC, g, o_f, d_a, d_p, R, C, BR, BC, BT, PREC, False)  # fmt: skip
+                         s_yt, s_yd, i_c * BC, g, o_f, d_a, d_p, R, C, BR, BC, BT, PREC, SAFE)  # fmt: skip
 
-    if STORE_S_OUT:
-        if role == 0:
-            if i_s == 0:
-                p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_a[:, None] * so_r + o_c[None, :] * so_c
-                tl.store(p_so, b_g.to(s_out.dtype.element_ty), mask=m_a[:, None] & m_c[None, :])
-    # a non-finite input in this segment (its state gradient shows it): run the segment again, causally (rare)
-    if tl.sum(_nonfinite(b_g)) > 0:
-        b_g = _rev_entering(s_in, ws, flags, g, T, seg_len, n_seg, i_n, i_h, i_s, key, epoch, si_n, si_h, si_s,
-                            si_r, si_c, o_a, o_c, m_a, m_c, BR, BC, HAS_S_IN, COMBINE)  # fmt: skip
-        for m in range(0, n_chunks):
-            b_g = _rev_chunk(a, b, c, y, b_g, t_lo + (n_chunks - 1 - m) * BT, t_hi, s_at, s_ad, s_bt, s_bd, s_ct,
-                             s_cd, s_yt, s_yd, i_c * BC, g, o_f, d_a, d_p, R, C, BR, BC, BT, PREC, True)  # fmt: skip
-    if COMBINE:
-        _finish(sync, n_tiles * NH * ROLES * n_seg)
+    if not SAFE:
+        if STORE_S_OUT:
+            if role == 0:
+                if i_s == 0:
+                    p_so = s_out + i_n.to(tl.int64) * so_n + i_h * so_h + o_a[:, None] * so_r + o_c[None, :] * so_c
+                    tl.store(p_so, b_g.to(s_out.dtype.element_ty), mask=m_a[:, None] & m_c[None, :])
+        # a non-finite input in this segment (its state gradient shows it): the re-run launch repeats it causally
+        if tl.sum(_nonfinite(b_g)) > 0:
+            tl.store(fix + key * n_seg + i_s, 1)
+
+
+@triton.jit(do_not_specialize=["T", "H", "NH", "seg_len", "n_seg", "n_tiles", "si0_n", "si0_h", "si0_s", "si0_r",
+                               "si0_c", "si1_n", "si1_h", "si1_s", "si1_r", "si1_c"])  # fmt: skip
+def _rev_sweep_kernel(
+    a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, sync, fix,
+    T, H, NH, seg_len, n_seg, n_tiles,
+    s_a0b, s_a0t, s_a0h, s_a0d, s_b0b, s_b0t, s_b0h, s_b0d, s_c0b, s_c0t, s_c0h, s_c0d, s_y0b, s_y0t, s_y0h, s_y0d,
+    s_a1b, s_a1t, s_a1h, s_a1d, s_b1b, s_b1t, s_b1h, s_b1d, s_c1b, s_c1t, s_c1h, s_c1d, s_y1b, s_y1t, s_y1h, s_y1d,
+    si0_n, si0_h, si0_s, si0_r, si0_c,
+    si1_n, si1_h, si1_s, si1_r, si1_c,
+    so_n, so_h, so_r, so_c,
+    R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr, ROLES: tl.constexpr,
+    HAS_S_IN: tl.constexpr, STORE_S_OUT: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    COMBINE: tl.constexpr, RERUN: tl.constexpr,
+):  # fmt: skip
+    """n_tiles * n_seg * ROLES*NH programs (C tiles, segments, role-major N*H). Role r reads (a_r, b_r, c_r) and
+    writes y_r: a, b [.., R]; c, y [.., C] (dV is role 0: (Q, K, dO); dK role 1: (dO, V, Q), when Dk = Dv both
+    run in one launch). G: s_in [N, H, n_seg, R, C] with role r's strides si_r is the gradient of the state at
+    each segment's end (one segment, or COMBINE: dht [N, H, R, C], segment stride 0); s_out [N, H, R, C]
+    receives role 0's G before the first token (dh0). COMBINE: as in ``_fwd_sweep_kernel``, backwards; RERUN
+    likewise (fix [ROLES*N*H*n_tiles, n_seg]).
+    """
+    if RERUN:
+        n_slots = ROLES * NH * n_tiles * n_seg
+        for base in range(0, n_slots, FIX_BLOCK):
+            o_fx = base + tl.arange(0, FIX_BLOCK)
+            if tl.max(tl.load(fix + o_fx, mask=o_fx < n_slots, other=0)) > 0:
+                for slot in range(base, tl.minimum(base + FIX_BLOCK, n_slots)):
+                    if tl.load(fix + slot) > 0:
+                        tl.store(fix + slot, 0)
+                        key = slot // n_seg
+                        _rev_segment(
+                            a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, fix,
+                            key % n_tiles, slot % n_seg, key // n_tiles, 0, T, H, NH, seg_len, n_seg, n_tiles,
+                            s_a0b, s_a0t, s_a0h, s_a0d, s_b0b, s_b0t, s_b0h, s_b0d,
+                            s_c0b, s_c0t, s_c0h, s_c0d, s_y0b, s_y0t, s_y0h, s_y0d,
+                            s_a1b, s_a1t, s_a1h, s_a1d, s_b1b, s_b1t, s_b1h, s_b1d,
+                            s_c1b, s_c1t, s_c1h, s_c1d, s_y1b, s_y1t, s_y1h, s_y1d,
+                            si0_n, si0_h, si0_s, si0_r, si0_c, si1_n, si1_h, si1_s, si1_r, si1_c,
+                            so_n, so_h, so_r, so_c,
+                            R, C, BR, BC, BT, HAS_S_IN, STORE_S_OUT, VARLEN, PREC, COMBINE, True,
+                        )  # fmt: skip
+    else:
+        if COMBINE:
+            i_c, i_s, i_row, epoch = _claim(sync, n_tiles, NH * ROLES, n_seg, True)
+        else:
+            i_c, i_s, i_row, epoch = tl.program_id(0), tl.program_id(1), tl.program_id(2), 0
+        _rev_segment(
+            a0, b0, c0, y0, a1, b1, c1, y1, g2, s_in, s_out, cu_seqlens, ws, flags, fix, i_c, i_s, i_row, epoch,
+            T, H, NH, seg_len, n_seg, n_tiles,
+            s_a0b, s_a0t, s_a0h, s_a0d, s_b0b, s_b0t, s_b0h, s_b0d, s_c0b, s_c0t, s_c0h, s_c0d,
+            s_y0b, s_y0t, s_y0h, s_y0d, s_a1b, s_a1t, s_a1h, s_a1d, s_b1b, s_b1t, s_b1h, s_b1d,
+            s_c1b, s_c1t, s_c1h, s_c1d, s_y1b, s_y1t, s_y1h, s_y1d,
+            si0_n, si0_h, si0_s, si0_r, si0_c, si1_n, si1_h, si1_s, si1_r, si1_c, so_n, so_h, so_r, so_c,
+            R, C, BR, BC, BT, HAS_S_IN, STORE_S_OUT, VARLEN, PREC, COMBINE, False,
+        )  # fmt: skip
+        if COMBINE:
+            _finish(sync, n_tiles * NH * ROLES * n_seg)
 
 
 @triton.jit(do_not_specialize=["T", "H", "seg_len", "n_seg"])
@@ -645,26 +746,29 @@ def _state_strides(s: torch.Tensor | None, transpose: bool = False, per_seg: boo
     return (n, h, sg, r, c)
 
 
-# Combining segments inside the sweeps needs a ticket counter and per-segment flags that outlive one launch:
-# one set per (device, stream), grown on demand. Earlier (smaller) flag buffers are kept alive, because a
-# captured CUDA graph may still point at them.
+# Combining segments inside the sweeps needs a ticket counter and per-segment flags that outlive one launch,
+# and the re-run launch reads the sweep's per-segment fix flags (which it lowers again): one set per (device,
+# stream), grown on demand. Earlier (smaller) flag buffers are kept alive, because a captured CUDA graph may
+# still point at them.
 _SYNC: dict = {}
 _RETIRED: list = []
 
 
-def _sync_buffers(device: torch.device, n_flags: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _sync_buffers(device: torch.device, n_flags: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sync [4], flags [>= n_flags], fix [>= n_flags]) int32 of the current stream."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
-    sync, flags = _SYNC.get(key, (None, None))
+    sync, flags, fix = _SYNC.get(key, (None, None, None))
     if sync is None:
         sync = torch.zeros(4, dtype=torch.int32, device=device)
     if flags is None or flags.numel() < n_flags:
         if flags is not None:
-            _RETIRED.append(flags)
-        # zeros are older than every epoch: flags wait for epoch + 1 >= 1
+            _RETIRED.extend((flags, fix))
+        # zeros are older than every epoch: flags wait for epoch + 1 >= 1; fix flags are raised to 1
         flags = torch.zeros(max(n_flags, 4096), dtype=torch.int32, device=device)
-        _SYNC[key] = (sync, flags)
-    return sync, flags
+        fix = torch.zeros_like(flags)
+        _SYNC[key] = (sync, flags, fix)
+    return sync, flags, fix
 
 
 def _fused(n_seg: int) -> bool:
@@ -681,12 +785,12 @@ def _fwd_sweep(a, b, c, y, g2, s_in, s_in_strides, s_out, s_seg, cu_seqlens, n_s
     BC = min(_pow2(C), tile) if tile else _pow2(C)
     n_tiles = triton.cdiv(C, BC)
     so = _state_strides(s_out)
-    ws = sync = flags = None
+    ws = None
+    sync, flags, fix = _sync_buffers(a.device, N * H * n_tiles * n_seg)
     if combine:
         ws = torch.empty(N * H * n_tiles * n_seg * BR * BC, dtype=torch.float32, device=a.device)
-        sync, flags = _sync_buffers(a.device, N * H * n_tiles * n_seg)
     args = (
-        a, b, c, y, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync,
+        a, b, c, y, g2, s_in, s_out, s_seg, cu_seqlens, ws, flags, sync, fix,
         T, H, N * H, seg_len, n_seg, n_tiles,
         *_bt_strides(a), *_bt_strides(b), *_bt_strides(c), *_bt_strides(y),
         *s_in_strides, so[0], so[1], so[3], so[4],
@@ -697,7 +801,8 @@ def _fwd_sweep(a, b, c, y, g2, s_in, s_in_strides, s_out, s_seg, cu_seqlens, n_s
         PREC=_prec(a.dtype), COMBINE=combine, STORE_SEG=s_seg is not None, num_warps=_warps(BR, BC),
     )  # fmt: skip
     grid = (n_tiles * n_seg * N * H,) if combine else (n_tiles, n_seg, N * H)
-    _launch(_fwd_sweep_kernel, grid, args, meta)
+    _launch(_fwd_sweep_kernel, grid, args, meta | dict(RERUN=False))
+    _launch(_fwd_sweep_kernel, (1,), args, meta | dict(RERUN=True))
 
 
 def _same_kinds(x: tuple, y: tuple) -> bool:
@@ -727,14 +832,14 @@ def _rev_sweeps(roles, g2, s_in, s_out, cu_seqlens, n_seg, seg_len, N, tile, com
         n_roles = len(group)
         s_out_g = s_out if gi == 0 else None
         so = _state_strides(s_out_g)
-        ws = sync = flags = None
+        ws = None
+        sync, flags, fix = _sync_buffers(a.device, n_roles * N * H * n_tiles * n_seg)
         if combine:
             ws = torch.empty(n_roles * N * H * n_tiles * n_seg * BR * BC, dtype=torch.float32, device=a.device)
-            sync, flags = _sync_buffers(a.device, n_roles * N * H * n_tiles * n_seg)
         r0 = group[0]
         r1 = group[-1]
         args = (
-            *r0[:4], *r1[:4], g2, s_in, s_out_g, cu_seqlens, ws, flags, sync,
+            *r0[:4], *r1[:4], g2, s_in, s_out_g, cu_seqlens, ws, flags, sync, fix,
             T, H, N * H, seg_len, n_seg, n_tiles,
             *(s for x in r0[:4] for s in _bt_strides(x)), *(s for x in r1[:4] for s in _bt_strides(x)),
             *r0[4], *r1[4], so[0], so[1], so[3], so[4],
@@ -745,7 +850,8 @@ def _rev_sweeps(roles, g2, s_in, s_out, cu_seqlens, n_seg, seg_len, N, tile, com
             PREC=_prec(a.dtype), COMBINE=combine, num_warps=_warps(BR, BC),
         )  # fmt: skip
         grid = (n_tiles * n_seg * N * H * n_roles,) if combine else (n_tiles, n_seg, N * H * n_roles)
-        _launch(_rev_sweep_kernel, grid, args, meta)
+        _launch(_rev_sweep_kernel, grid, args, meta | dict(RERUN=False))
+        _launch(_rev_sweep_kernel, (1,), args, meta | dict(RERUN=True))
 
 
 def _segment_states(a, c, g2, s0, n_seg, seg_len, reverse, tile):
