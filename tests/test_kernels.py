@@ -299,22 +299,28 @@ def test_srmsnorm_family(shape, dtype, strided):
 
 
 @NEEDS_CUDA
-def test_segments_forced_and_off():
+@pytest.mark.parametrize("fused", [False, True])
+def test_segments_forced_and_off(fused):
     """The same inputs through one segment per sequence, through many, and through 27 in the forward with 9 in the
-    backward (every third saved state): all match the reference."""
+    backward (every third saved state): all match the reference, segments combined by the two extra launches or
+    in the sweeps."""
     gen = generator(8)
     q, k = (randn(2, 5000, 2, 128, gen=gen, dtype=BF16, scale=0.3) for _ in range(2))
     v = randn(2, 5000, 2, 128, gen=gen, dtype=BF16)
     h0 = randn(2, 2, 128, 128, gen=gen)
     for target, min_seg, fwd_min_seg in ((1, 512, 0), (4096, 256, 0), (4096, 512, 128)):
-        chunk_mod.CONFIG = chunk_mod.KernelConfig(target_ctas=target, min_seg=min_seg, fwd_min_seg=fwd_min_seg)
+        chunk_mod.CONFIG = chunk_mod.KernelConfig(target_ctas=target, min_seg=min_seg, fwd_min_seg=fwd_min_seg,
+                                                  fused_segments=fused)  # fmt: skip
         check(q, k, v, slopes("alibi", 2), h0)
 
 
 @NEEDS_CUDA
-def test_fused_segments_replay_from_a_cuda_graph():
-    """Segments combined inside the sweeps (ticket counter, flags, epochs) replayed from a captured graph: every
-    replay, with new inputs copied into the static ones, matches an eager call (bitwise: same kernels)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_segments_replay_from_a_cuda_graph(fused):
+    """Segments (combined by the two extra launches, or inside the sweeps with the ticket counter, flags and
+    epochs) and the re-run launches' fix flags, replayed from a captured graph: every replay, with new inputs
+    copied into the static ones, matches an eager call (bitwise: same kernels)."""
+    chunk_mod.CONFIG = chunk_mod.KernelConfig(fused_segments=fused)
     gen = generator(31)
     B, T, H, D = 1, 4096, 8, 128
     static = [randn(B, T, H, D, gen=gen, dtype=BF16, scale=0.3).requires_grad_() for _ in range(3)]
