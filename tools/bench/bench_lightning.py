@@ -79,7 +79,7 @@ TP_SHAPES = [
 ]
 # config variants of our kernels timed beside the default in --tp-shapes
 TP_VARIANTS = {
-    "fused_segments": dict(fused_segments=True),
+    "two_launch": dict(fused_segments=False),
     "min_seg256": dict(min_seg=256),
     "min_seg128": dict(min_seg=128),
     "chunk32_min_seg128": dict(chunk=32, min_seg=128),
@@ -94,7 +94,7 @@ TP_GRID = {"default": {}} | {
     for m in (128, 512)
     for g in (0, 528)
 } | {"warps8": dict(num_warps=8), "warps4": dict(num_warps=4), "stages1": dict(num_stages=1),
-     "stages3": dict(num_stages=3), "fused_segments": dict(fused_segments=True),
+     "stages3": dict(num_stages=3), "two_launch": dict(fused_segments=False),
      "fwd_min_seg128": dict(fwd_min_seg=128), "fwd_min_seg256": dict(fwd_min_seg=256)}  # fmt: skip
 RESULTS: dict = {"meta": {}, "sweep": {}, "decode": {}, "norm": {}, "table": {}, "tp": {}, "tp_grid": {}}
 JSON_PATH = None

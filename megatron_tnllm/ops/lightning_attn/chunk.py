@@ -29,11 +29,11 @@ Kernels (one job each):
 * Segments (the chunk-parallel two-level scheme): when batch x heads is too small to fill the GPU, each
   sequence is cut into segments of ``seg_len`` tokens; every segment's own state contribution is computed
   in parallel, the contributions are chained (a short serial loop over segments), and the sweeps run all
-  segments in parallel from those states. By default two extra launches per direction do the first two
-  steps (``_seg_local_kernel``, ``_seg_scan_kernel``); with ``CONFIG.fused_segments`` the sweeps do them
-  themselves (``_claim``, ``_publish``, ``_collect``: tickets, flags and epochs in a per-(device, stream)
-  buffer, so a program only ever waits for segments that started before it): fewer launches, less host time
-  per eager call, but more GPU time (docs/kernels.md §5, v4.4).
+  segments in parallel from those states. By default the sweeps do this themselves (``_claim``,
+  ``_publish``, ``_collect``: tickets, flags and epochs in a per-(device, stream) buffer, so a program only
+  ever waits for segments that started before it); ``_seg_local_kernel`` and ``_seg_scan_kernel`` are the
+  two-launch form (``CONFIG.fused_segments = False``): 4-12 % less GPU time at the tensor-parallel shapes,
+  ~0.1 ms more host time per eager call (docs/kernels.md §5), for steps replayed from a CUDA graph.
 
 Layouts: q, k [B, T, H, Dk]; v, o [B, T, H, Dv], any strides (read through them, never copied); states
 [N, H, Dk, Dv] fp32; slope [H]. Dot operands are in the input dtype (bf16/fp16 tensor cores; tf32x3 for
@@ -76,7 +76,7 @@ class KernelConfig:
     num_warps: 0 = by state-tile size. num_stages: software-pipelining
     depth of the chunk loads (stepped down automatically when shared memory runs out). fused_segments: form
     the segments' states inside the sweeps (one launch per sweep) instead of two extra launches per direction
-    (v4.4: off by default; the extra launches cost host time, the fused form 4-13 % more GPU time).
+    (which cost host time in eager calls and save GPU time: docs/kernels.md §5).
     """
 
     chunk: int = 64
@@ -89,7 +89,7 @@ class KernelConfig:
     fwd_min_seg: int = 256
     num_warps: int = 0
     num_stages: int = 2
-    fused_segments: bool = False
+    fused_segments: bool = True
 
 
 CONFIG = KernelConfig()
